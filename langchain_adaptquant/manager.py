@@ -1,0 +1,279 @@
+"""DynamicQuantizationManager: probes + load tracker + policy -> a level, and when to switch to it.
+
+The manager owns no model. It answers two questions for the loader and the chat model:
+``calculate_optimal_quantization`` (what level would a model of this size get now?) and
+``should_reoptimize`` (should this loaded model switch now, given its history?). The common path,
+"keep the current level", costs one cached snapshot and a table look-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel, TaskPriority
+from langchain_adaptquant.load import LoadTracker
+from langchain_adaptquant.policy import (
+    Decision,
+    HysteresisState,
+    PolicyConfig,
+    PolicyInputs,
+    after_switch,
+    apply_hysteresis,
+    decide,
+    decision_table,
+)
+from langchain_adaptquant.resources import (
+    GIB,
+    CachedProbe,
+    MemoryProbe,
+    MemorySnapshot,
+    SystemMemoryProbe,
+    validate_budget_gb,
+)
+from langchain_adaptquant.sizing import ModelSize, size_of
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizationConfig(BaseModel):
+    """The answer of ``calculate_optimal_quantization``: the seed's JSON shape plus the reason."""
+
+    model_config = ConfigDict(frozen=True)
+
+    level: QuantizationLevel
+    precision: str
+    compression_ratio: str
+    estimated_memory_gb: float
+    config: dict[str, Any]
+    reason: str
+    bits: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ReoptimizeDecision(BaseModel):
+    """Whether a loaded model should switch now; truthy when it should."""
+
+    model_config = ConfigDict(frozen=True)
+
+    switch: bool
+    current_level: Optional[QuantizationLevel]
+    target_level: QuantizationLevel
+    reason: str
+    projected_used_percent: float
+
+    def __bool__(self) -> bool:
+        return self.switch
+
+
+def backend_config(level: QuantizationLevel, device: str) -> dict[str, Any]:
+    """The transformers-style quantization arguments equivalent to ``level`` on ``device``."""
+    compute = "bfloat16" if device == "cpu" else "float16"
+    if level is QuantizationLevel.FP16:
+        return {"torch_dtype": compute}
+    if level is QuantizationLevel.INT8:
+        return {"load_in_8bit": True}
+    if level is QuantizationLevel.INT4:
+        return {"load_in_4bit": True, "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_type": "nf4"}
+    return {"backend": "quanto", "weights": "int2", "compute_dtype": compute}
+
+
+def _default_available_levels(device: str) -> list[QuantizationLevel]:
+    """Levels some installed backend supports on ``device``; all levels until backends are known."""
+    try:
+        from langchain_adaptquant.backends.registry import available_levels
+    except ImportError:
+        return list(LEVELS_BY_PRECISION)
+    return list(available_levels(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _level_bytes(size: ModelSize) -> dict[QuantizationLevel, int]:
+    """Sizes per level are a pure function of the split; computing them once keeps decisions cheap."""
+    return size.bytes_per_level()
+
+
+class DynamicQuantizationManager:
+    """Chooses levels from live memory, load, device and priority, with per-model hysteresis."""
+
+    def __init__(
+        self,
+        probe: Optional[MemoryProbe] = None,
+        tracker: Optional[LoadTracker] = None,
+        policy: Optional[PolicyConfig] = None,
+        device: Optional[str] = None,
+        memory_budget_gb: Optional[float] = None,
+        snapshot_ttl_s: float = 0.05,
+        available_levels: Optional[Sequence[QuantizationLevel | str]] = None,
+        default_model_size_params: float = 7.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.memory_budget_gb = validate_budget_gb(memory_budget_gb)
+        base_probe = probe or SystemMemoryProbe(device=device, memory_budget_gb=self.memory_budget_gb)
+        self.probe = CachedProbe(base_probe, ttl_s=snapshot_ttl_s, clock=clock)
+        self.tracker = tracker or LoadTracker()
+        self.policy = policy or PolicyConfig()
+        self._clock = clock
+        self.device = device or getattr(base_probe, "device", None) or "cpu"
+        if available_levels is None:
+            self.available_levels = _default_available_levels(self.device)
+        else:
+            self.available_levels = [QuantizationLevel.parse(level) for level in available_levels]
+        self.default_model_size = size_of(default_model_size_params)
+        self._states: dict[str, HysteresisState] = {}
+        self._states_lock = threading.Lock()
+        self._sizes: dict[Any, ModelSize] = {}
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def snapshot(self) -> MemorySnapshot:
+        return self.probe()
+
+    def model_size(self, model_size_params: Any = None) -> ModelSize:
+        """Parameter split for a size argument (cached per number); None means the default size."""
+        if model_size_params is None:
+            return self.default_model_size
+        if isinstance(model_size_params, ModelSize):
+            return model_size_params
+        key = model_size_params if isinstance(model_size_params, (int, float)) else id(model_size_params)
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = size_of(model_size_params)
+        return size
+
+    def _inputs(
+        self,
+        size: ModelSize,
+        priority: TaskPriority,
+        current_level: Optional[QuantizationLevel],
+        current_bytes: Optional[int],
+        active_requests: Optional[int],
+    ) -> PolicyInputs:
+        snap = self.snapshot()
+        level_bytes = _level_bytes(size)
+        if current_level is not None and current_bytes is None:
+            current_bytes = level_bytes[current_level]
+        return PolicyInputs(
+            total_bytes=snap.model_total_bytes,
+            used_bytes=snap.model_total_bytes - snap.model_available_bytes,
+            active_requests=self.tracker.active if active_requests is None else active_requests,
+            priority=priority,
+            level_bytes=level_bytes,
+            device=snap.device,
+            current_level=current_level,
+            current_bytes=current_bytes or 0,
+            available_levels=self.available_levels,
+        )
+
+    # -- questions ------------------------------------------------------------------------------
+    def decide(
+        self,
+        model_size_params: Any = None,
+        task_priority: TaskPriority | str = TaskPriority.BALANCED,
+        current_level: Optional[QuantizationLevel | str] = None,
+        current_bytes: Optional[int] = None,
+        active_requests: Optional[int] = None,
+    ) -> Decision:
+        """The policy's decision with the live snapshot and load; no hysteresis."""
+        priority = TaskPriority.parse(task_priority)
+        level = QuantizationLevel.parse(current_level) if current_level is not None else None
+        inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests)
+        return decide(inputs, self.policy)
+
+    def calculate_optimal_quantization(
+        self,
+        model_size_params: Any = None,
+        task_priority: TaskPriority | str = TaskPriority.BALANCED,
+    ) -> QuantizationConfig:
+        """Level for a model of this size (billions, a config, or a ModelSize) loaded now."""
+        decision = self.decide(model_size_params, task_priority)
+        level = decision.level
+        return QuantizationConfig(
+            level=level,
+            precision=level.precision(self.device),
+            compression_ratio=f"{level.compression_vs_fp32:.1f}x",
+            estimated_memory_gb=round(decision.estimated_bytes / GIB, 3),
+            config=backend_config(level, self.device),
+            reason=decision.reason,
+            bits=level.bits,
+            device=self.device,
+        )
+
+    def should_reoptimize(
+        self,
+        current_level: QuantizationLevel | str,
+        model_size_params: Any = None,
+        task_priority: TaskPriority | str = TaskPriority.BALANCED,
+        model_key: str = "default",
+        current_bytes: Optional[int] = None,
+        now: Optional[float] = None,
+    ) -> ReoptimizeDecision:
+        """Should the model at ``current_level`` switch now? Call :meth:`record_switch` once it did."""
+        level = QuantizationLevel.parse(current_level)
+        decision = self.decide(model_size_params, task_priority, level, current_bytes)
+        now = self._clock() if now is None else now
+        with self._states_lock:
+            state = self._states.get(model_key) or HysteresisState()
+            if state.level is not level:  # the caller knows the model's level best; keep the timers
+                state = replace(state, level=level)
+            verdict = apply_hysteresis(decision, state, now, self.policy)
+            self._states[model_key] = verdict.state
+        if verdict.switch:
+            logger.info("reoptimize %s: %s -> %s (%s)", model_key, level.value, decision.level.value, verdict.reason)
+        return ReoptimizeDecision(
+            switch=verdict.switch,
+            current_level=level,
+            target_level=decision.level,
+            reason=verdict.reason,
+            projected_used_percent=round(decision.projected_used_percent, 2),
+        )
+
+    def record_switch(self, model_key: str, level: QuantizationLevel | str, now: Optional[float] = None) -> None:
+        """A model reached ``level`` (initial load or switch): starts its cooldown."""
+        level = QuantizationLevel.parse(level)
+        now = self._clock() if now is None else now
+        with self._states_lock:
+            self._states[model_key] = after_switch(self._states.get(model_key, HysteresisState()), level, now)
+        self.probe.invalidate()
+
+    def forget(self, model_key: str) -> None:
+        """Drop a model's hysteresis state (it was evicted)."""
+        with self._states_lock:
+            self._states.pop(model_key, None)
+
+    def get_status(
+        self,
+        model_size_params: Any = None,
+        current_models: Iterable[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
+        """The seed's status JSON: device, load, memory, recommended level, models and thresholds."""
+        snap = self.snapshot()
+        load = self.tracker.stats()
+        try:
+            decision = self.decide(model_size_params)
+            recommended: Optional[str] = decision.level.value
+            recommendation_reason = decision.reason
+        except MemoryError as error:
+            recommended, recommendation_reason = None, str(error)
+        return {
+            "device": self.device,
+            "active_requests": load.active,
+            "memory": snap.to_dict(),
+            "recommended_level": recommended,
+            "recommendation_reason": recommendation_reason,
+            "recommended_for_params_b": round(self.model_size(model_size_params).params_billions, 3),
+            "available_levels": [level.value for level in self.available_levels],
+            "current_models": list(current_models),
+            "load": load.to_dict(),
+            "thresholds": self.policy.model_dump(mode="json"),
+            "decision_matrix": decision_table(self.policy),
+        }
+

@@ -1,0 +1,125 @@
+import contextlib
+import time
+
+import pytest
+
+from langchain_adaptquant import (
+    DynamicQuantizationManager,
+    InsufficientMemoryError,
+    InvalidValueError,
+    PolicyConfig,
+    QuantizationLevel,
+    ScriptedProbe,
+)
+from langchain_adaptquant.replay import SEED_TIMELINE, replay
+
+ALL = list(QuantizationLevel)
+
+
+def manager(probe, **kwargs):
+    return DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0, available_levels=ALL, **kwargs)
+
+
+def test_seed_timeline_replay():
+    rows = replay(SEED_TIMELINE, model_size_params=7.0, task_priority="balanced")
+    assert [(r.clock, r.level.value, r.action) for r in rows] == [
+        ("10:00", "fp16", "initial load"),
+        ("10:15", "fp16", "kept"),
+        ("10:30", "int4", "downgraded"),
+        ("10:45", "int4", "kept"),
+        ("11:00", "fp16", "upgraded"),
+    ]
+    assert "memory pressure" in rows[2].reason
+    assert "load, not memory" in rows[1].reason
+
+
+def test_calculate_returns_the_seed_shape():
+    m = manager(ScriptedProbe(total_gb=16, used_percent=50))
+    with m.tracker.track(), m.tracker.track(), m.tracker.track():
+        result = m.calculate_optimal_quantization(1.0, "balanced")
+    assert result.level is QuantizationLevel.INT4
+    data = result.to_dict()
+    assert data["level"] == "int4" and data["precision"] == "int4" and data["compression_ratio"] == "8.0x"
+    assert data["config"] == {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_type": "nf4"}
+    assert data["estimated_memory_gb"] == pytest.approx(m.model_size(1.0).estimated_gb("int4"), abs=1e-3)
+    assert "3 request(s)" in data["reason"]
+
+
+def test_cuda_decisions_use_device_memory_and_float16():
+    probe = ScriptedProbe(total_gb=80, used_percent=10, device="cuda")
+    result = manager(probe).calculate_optimal_quantization(7.0, "quality")
+    assert result.level is QuantizationLevel.FP16 and result.precision == "float16"
+    assert result.config == {"torch_dtype": "float16"}
+
+
+def test_active_requests_come_from_the_tracker():
+    probe = ScriptedProbe(total_gb=512, used_percent=10)
+    m = manager(probe)
+    assert m.calculate_optimal_quantization(7.0, "balanced").level is QuantizationLevel.FP16
+    with contextlib.ExitStack() as stack:
+        for _ in range(6):
+            stack.enter_context(m.tracker.track())
+        assert m.calculate_optimal_quantization(7.0, "balanced").level is QuantizationLevel.INT4
+        assert m.get_status(7.0)["active_requests"] == 6
+
+
+def test_insufficient_memory_carries_numbers():
+    m = manager(ScriptedProbe(total_gb=2, used_percent=90))
+    with pytest.raises(InsufficientMemoryError) as info:
+        m.calculate_optimal_quantization(7.0)
+    assert info.value.required_gb > info.value.available_gb
+
+
+def test_should_reoptimize_is_truthy_only_when_switching():
+    probe = ScriptedProbe(total_gb=512, used_percent=30)
+    m = manager(probe)
+    m.record_switch("a", "fp16", now=0)
+    keep = m.should_reoptimize("fp16", 7.0, model_key="a", now=10)
+    assert not keep and keep.target_level is QuantizationLevel.FP16
+    probe.set(90)
+    down = m.should_reoptimize("fp16", 7.0, model_key="a", now=20)
+    assert down and down.target_level is QuantizationLevel.INT2
+    # two models keep separate histories
+    m.record_switch("b", "int2", now=0)
+    probe.set(10)
+    assert m.should_reoptimize("int2", 7.0, model_key="b", now=1000)
+    # "a" saw bad conditions at t=20, so its upgrade cools down from then, whatever "b" did
+    assert not m.should_reoptimize("int2", 7.0, model_key="a", now=21)
+
+
+def test_status_reports_when_nothing_fits():
+    status = manager(ScriptedProbe(total_gb=4, used_percent=90)).get_status(7.0)
+    assert status["recommended_level"] is None
+    assert "does not fit" in status["recommendation_reason"]
+
+
+def test_status_has_the_seed_fields_and_thresholds():
+    m = manager(ScriptedProbe(total_gb=16, used_percent=57.5))
+    status = m.get_status(7.0, current_models=[{"name": "x", "size_mb": 1, "access_count": 2}])
+    assert {"device", "active_requests", "memory", "recommended_level", "current_models", "thresholds"} <= set(status)
+    assert status["memory"]["used_percent"] == "57.5%"
+    assert status["recommended_level"] == "int4"  # the seed's example: 16 GiB at 57.5% -> int4
+    assert status["current_models"][0]["name"] == "x"
+    assert status["thresholds"]["memory_bands"] == [40.0, 60.0, 75.0, 85.0]
+    assert len(status["decision_matrix"]) == 20
+
+
+def test_bad_inputs_name_the_value():
+    m = manager(ScriptedProbe())
+    with pytest.raises(InvalidValueError, match="'fast'"):
+        m.calculate_optimal_quantization(7.0, "fast")
+    with pytest.raises(InvalidValueError, match="-3"):
+        m.calculate_optimal_quantization(-3)
+    with pytest.raises(InvalidValueError, match="'int3'"):
+        m.should_reoptimize("int3", 7.0)
+    with pytest.raises(InvalidValueError, match="memory_budget_gb"):
+        DynamicQuantizationManager(memory_budget_gb=0)
+
+
+def test_real_probe_decides_on_this_machine():
+    m = DynamicQuantizationManager(device="cpu", policy=PolicyConfig())
+    result = m.calculate_optimal_quantization(0.01, "quality")
+    assert result.level in set(QuantizationLevel)
+    assert m.snapshot() is m.snapshot()  # a burst of calls costs one probe
+    time.sleep(0.06)
+    assert m.probe.probes >= 1
