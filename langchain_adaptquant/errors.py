@@ -39,3 +39,23 @@ def choices(values: Iterable[Any]) -> str:
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+class ModelNotFoundError(AdaptQuantError, FileNotFoundError):
+    """The model is neither a local folder nor in the Hugging Face cache (nothing is downloaded)."""
+
+
+class WeightsError(AdaptQuantError):
+    """The model's folder has no safetensors weights, or they cannot be read (corrupt, deleted)."""
+
+
+class UnsupportedArchitectureError(AdaptQuantError, ValueError):
+    """transformers has no causal-LM class for this config."""
+
+
+class SwitchError(AdaptQuantError):
+    """A requantization failed; the model was rolled back and still serves at ``level``."""
+
+    def __init__(self, message: str, level: str) -> None:
+        self.level = level
+        super().__init__(message)

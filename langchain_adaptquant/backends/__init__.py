@@ -1,0 +1,41 @@
+"""Quantization backends: one small interface, one module per library, a measured preference order.
+
+Import cost is small: the optional libraries (bitsandbytes, torchao, optimum-quanto) are imported
+only when a backend is asked whether it is available or to quantize something.
+"""
+
+from langchain_adaptquant.backends.base import (
+    BackendError,
+    QuantizationBackend,
+    UnsupportedLevelError,
+    compute_dtype,
+    device_type,
+)
+from langchain_adaptquant.backends.registry import (
+    PREFERENCE,
+    all_backends,
+    available_backends,
+    available_levels,
+    backend_preference,
+    get_backend,
+    quantize_linear_with_fallback,
+    register_backend,
+    unregister_backend,
+)
+
+__all__ = [
+    "PREFERENCE",
+    "BackendError",
+    "QuantizationBackend",
+    "UnsupportedLevelError",
+    "all_backends",
+    "available_backends",
+    "available_levels",
+    "backend_preference",
+    "compute_dtype",
+    "device_type",
+    "get_backend",
+    "quantize_linear_with_fallback",
+    "register_backend",
+    "unregister_backend",
+]

@@ -1,0 +1,175 @@
+"""The one interface every quantization library is wrapped in, and the errors backends raise.
+
+A backend turns one fresh 16-bit ``nn.Linear`` into a module that stores its weight at a level and
+computes in the model's 16-bit dtype. Optional libraries are imported inside methods only, so a
+missing library makes :meth:`QuantizationBackend.available` false instead of breaking package import.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError, choices
+from langchain_adaptquant.levels import QuantizationLevel
+
+#: Device types the package knows how to serve on.
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
+
+LevelLike = Union[QuantizationLevel, str]
+DeviceLike = Union[str, torch.device]
+
+
+class BackendError(AdaptQuantError):
+    """A backend failed to quantize or run a layer; the registry falls back to the next backend."""
+
+
+class UnsupportedLevelError(AdaptQuantError):
+    """No available backend stores this level on this device.
+
+    Build it as ``UnsupportedLevelError(level, device, available_levels)`` and the message names all
+    three; a single string argument is taken as a ready-made message.
+    """
+
+    def __init__(
+        self,
+        level: Union[LevelLike, str],
+        device: Optional[DeviceLike] = None,
+        available: Optional[Iterable[LevelLike]] = None,
+    ) -> None:
+        if device is None:
+            self.level, self.device, self.available = None, None, ()
+            super().__init__(str(level))
+            return
+        self.level = QuantizationLevel.parse(level)
+        self.device = str(device)
+        self.available = tuple(QuantizationLevel.parse(v) for v in (available or ()))
+        there = choices(self.available) if self.available else "none"
+        super().__init__(
+            f"quantization level {self.level.value!r} has no available backend on device "
+            f"{self.device!r}; levels available there: {there}"
+        )
+
+
+def device_type(device: DeviceLike) -> str:
+    """'cuda:1' -> 'cuda'. Anything torch cannot parse or we do not serve on is a clear error."""
+    allowed = "'cpu', 'cuda', 'cuda:N' or 'mps'"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidValueError("device", device, allowed) from None
+    if kind not in DEVICE_TYPES:
+        raise InvalidValueError("device", device, allowed)
+    return kind
+
+
+def compute_dtype(device: DeviceLike) -> torch.dtype:
+    """The 16-bit dtype activations use: bfloat16 on CPU (fast there), float16 on GPUs."""
+    return getattr(torch, QuantizationLevel.FP16.precision(device_type(device)))
+
+
+def describe_linear(linear: nn.Module) -> str:
+    """'Linear(in=768, out=1000, bias=True)' for error messages."""
+    return (
+        f"Linear(in={getattr(linear, 'in_features', '?')}, out={getattr(linear, 'out_features', '?')}, "
+        f"bias={getattr(linear, 'bias', None) is not None})"
+    )
+
+
+class QuantizationBackend(ABC):
+    """One quantization library behind a small, uniform interface.
+
+    Subclasses implement :meth:`_import`, :meth:`supports`, :meth:`_quantize` and optionally
+    :meth:`shape_problem`. :meth:`quantize_linear` is the template that checks, wraps library
+    failures into :class:`BackendError` and smoke-tests the result, so a layer that a kernel
+    cannot run fails here (where the registry can fall back) rather than in the middle of a request.
+    The input Linear is never modified on failure: backends build the new module beside it.
+    """
+
+    name: str = "base"
+
+    # -- what this backend can do ------------------------------------------------------------
+    def available(self) -> bool:
+        """Whether the library imports here. Never raises: a broken install just means 'no'."""
+        try:
+            self._import()
+        except Exception:  # ImportError, but also a library that fails while importing
+            return False
+        return True
+
+    def _import(self) -> None:
+        """Import the optional library (raising when it is missing). Default: nothing needed."""
+
+    @abstractmethod
+    def supports(self, level: LevelLike, device: DeviceLike = "cpu") -> bool:
+        """Whether this backend can store ``level`` on ``device`` at all (library presence aside)."""
+
+    def shape_problem(
+        self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu"
+    ) -> Optional[str]:
+        """Why this layer's shape cannot be taken at ``level`` (None: it can). Kernels have limits."""
+        return None
+
+    def accepts(self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu") -> bool:
+        """Whether this particular layer can be quantized here (shape limits of the kernels)."""
+        return self.shape_problem(linear, level, device) is None
+
+    # -- doing it ---------------------------------------------------------------------------
+    def quantize_linear(
+        self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu"
+    ) -> nn.Module:
+        """Return a module holding ``linear``'s weight at ``level`` on ``device``.
+
+        The result takes and returns activations in :func:`compute_dtype` of the device and is in
+        eval mode. Raises :class:`BackendError` for anything that goes wrong inside the library.
+        """
+        level = QuantizationLevel.parse(level)
+        kind = device_type(device)
+        if not isinstance(linear, nn.Linear):
+            raise BackendError(f"{self.name}: expected an nn.Linear, got {type(linear).__name__}")
+        if not self.supports(level, kind):
+            raise BackendError(f"{self.name} does not support {level.value} on {kind}")
+        problem = self.shape_problem(linear, level, kind)
+        if problem is not None:
+            raise BackendError(f"{self.name} cannot take {describe_linear(linear)} at {level.value}: {problem}")
+        try:
+            self._import()
+            with torch.no_grad():
+                module = self._quantize(linear, level, device)
+                module.eval()
+                module.requires_grad_(False)
+                self._smoke_test(module, linear.in_features, compute_dtype(device), device)
+        except BackendError:
+            raise
+        except Exception as exc:  # the libraries raise RuntimeError, AssertionError, ValueError...
+            raise BackendError(
+                f"{self.name} failed on {describe_linear(linear)} at {level.value} on {kind}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return module
+
+    @abstractmethod
+    def _quantize(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> nn.Module:
+        """Build the quantized module (called under ``torch.no_grad``, library already imported)."""
+
+    @staticmethod
+    def _smoke_test(module: nn.Module, in_features: int, dtype: torch.dtype, device: DeviceLike) -> None:
+        """One decode-sized forward: surfaces kernels that reject the layer, and lets libraries that
+        repack weights on first use (bitsandbytes nf4 on AVX512-BF16 CPUs) do it now, not mid-request.
+        """
+        probe = torch.zeros(1, in_features, dtype=dtype, device=device)
+        out = module(probe)
+        if out.dtype != dtype:
+            raise BackendError(f"forward returned {out.dtype}, expected {dtype}")
+
+    def stored_bytes(self, module: nn.Module) -> int:
+        """Bytes this module really stores (quantized data, scales, zeros, bias)."""
+        from langchain_adaptquant.accounting import stored_bytes
+
+        return stored_bytes(module)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

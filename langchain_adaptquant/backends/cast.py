@@ -1,0 +1,47 @@
+"""The 16-bit level: a plain ``nn.Linear`` in the device's compute dtype (bf16 on CPU, fp16 on GPUs).
+
+Needs no optional library, so every device always has at least this level.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from langchain_adaptquant.backends.base import (
+    DeviceLike,
+    LevelLike,
+    QuantizationBackend,
+    compute_dtype,
+    device_type,
+)
+from langchain_adaptquant.levels import QuantizationLevel
+
+
+class CastBackend(QuantizationBackend):
+    """FP16 means "no quantization": cast (or keep) the weight in the 16-bit compute dtype."""
+
+    name = "cast"
+
+    def supports(self, level: LevelLike, device: DeviceLike = "cpu") -> bool:
+        device_type(device)
+        return QuantizationLevel.parse(level) is QuantizationLevel.FP16
+
+    def _quantize(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> nn.Module:
+        dtype = compute_dtype(device)
+        weight = linear.weight
+        if weight.dtype == dtype and weight.device == _as_device(device):
+            return linear  # the fresh layer already is the answer: no copy
+        out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        out.weight = nn.Parameter(weight.detach().to(device=device, dtype=dtype), requires_grad=False)
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+        return out
+
+
+def _as_device(device: DeviceLike) -> torch.device:
+    """torch.device('cuda') compares unequal to a tensor's 'cuda:0'; resolve the index first."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev

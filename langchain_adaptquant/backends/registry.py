@@ -1,0 +1,183 @@
+"""Which backend stores which level on which device, best first, and per-layer fallback.
+
+The CPU order below was chosen from ``benchmarks/backends_probe.py`` on the development machine
+(2-core x86-64, AVX2 without AVX512-BF16, torch 2.13 CPU); numbers in ``PREFERENCE`` comments
+are from ``benchmarks/results/backends_probe.json``. Re-run the probe on a new machine type
+before trusting the order there. CUDA and MPS orders follow the libraries' documented kernels
+(no GPU was available to measure).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from torch import nn
+
+from langchain_adaptquant.backends.base import (
+    BackendError,
+    DeviceLike,
+    LevelLike,
+    QuantizationBackend,
+    UnsupportedLevelError,
+    describe_linear,
+    device_type,
+)
+from langchain_adaptquant.backends.bitsandbytes import BitsAndBytesBackend
+from langchain_adaptquant.backends.cast import CastBackend
+from langchain_adaptquant.backends.quanto import QuantoBackend
+from langchain_adaptquant.backends.torchao import TorchAOBackend
+from langchain_adaptquant.errors import InvalidValueError, choices
+from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel
+
+logger = logging.getLogger(__name__)
+
+_FP16, _INT8, _INT4, _INT2 = (
+    QuantizationLevel.FP16,
+    QuantizationLevel.INT8,
+    QuantizationLevel.INT4,
+    QuantizationLevel.INT2,
+)
+
+#: Best first, per device type and level. Backends missing here but registered come last.
+PREFERENCE: dict[str, dict[QuantizationLevel, list[str]]] = {
+    "cpu": {
+        _FP16: ["cast"],
+        # PLACEHOLDER_CPU_INT8
+        _INT8: ["quanto", "torchao", "bitsandbytes"],
+        # PLACEHOLDER_CPU_INT4
+        _INT4: ["torchao", "quanto", "bitsandbytes"],
+        _INT2: ["quanto"],
+    },
+    # CUDA (not measured here): bitsandbytes has fused CUDA kernels for LLM.int8() and NF4 and is
+    # the most used path with transformers; torchao's int8/int4 (tinygemm) kernels next; quanto last.
+    "cuda": {
+        _FP16: ["cast"],
+        _INT8: ["bitsandbytes", "torchao", "quanto"],
+        _INT4: ["bitsandbytes", "torchao", "quanto"],
+        _INT2: ["quanto"],
+    },
+    # MPS: quanto is the library that targets it; 16-bit is a cast.
+    "mps": {
+        _FP16: ["cast"],
+        _INT8: ["quanto"],
+        _INT4: ["quanto"],
+        _INT2: ["quanto"],
+    },
+}
+
+_BACKENDS: dict[str, QuantizationBackend] = {
+    backend.name: backend
+    for backend in (CastBackend(), BitsAndBytesBackend(), TorchAOBackend(), QuantoBackend())
+}
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+def get_backend(name: str) -> QuantizationBackend:
+    """The registered backend called ``name`` (a clear error names the known ones)."""
+    try:
+        return _BACKENDS[name]
+    except (KeyError, TypeError):
+        raise InvalidValueError("backend", name, choices(_BACKENDS)) from None
+
+
+def all_backends() -> list[QuantizationBackend]:
+    """Every registered backend, available here or not."""
+    return list(_BACKENDS.values())
+
+
+def available_backends() -> list[QuantizationBackend]:
+    """Registered backends whose library imports in this environment."""
+    return [backend for backend in _BACKENDS.values() if backend.available()]
+
+
+def register_backend(backend: QuantizationBackend, *, first: bool = False) -> None:
+    """Add (or replace) a backend. ``first`` puts it ahead of the others wherever it supports a level.
+
+    Meant for plug-ins and tests; the built-in order comes from measurement.
+    """
+    if not isinstance(backend, QuantizationBackend):
+        raise TypeError(f"register_backend needs a QuantizationBackend, got {type(backend).__name__}")
+    _BACKENDS[backend.name] = backend
+    for orders in PREFERENCE.values():
+        for order in orders.values():
+            if backend.name in order:
+                order.remove(backend.name)
+            if first:
+                order.insert(0, backend.name)
+            else:
+                order.append(backend.name)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with :func:`register_backend` (no error if it is not there)."""
+    _BACKENDS.pop(name, None)
+    for orders in PREFERENCE.values():
+        for order in orders.values():
+            if name in order:
+                order.remove(name)
+
+
+# -- choosing ----------------------------------------------------------------------------------
+
+
+def backend_preference(level: LevelLike, device: DeviceLike = "cpu") -> list[QuantizationBackend]:
+    """Available backends that support ``level`` on ``device``, best first for that device."""
+    level = QuantizationLevel.parse(level)
+    kind = device_type(device)
+    order = PREFERENCE.get(kind, {}).get(level, [])
+    names = [n for n in order if n in _BACKENDS] + [n for n in _BACKENDS if n not in order]
+    return [
+        backend
+        for backend in (_BACKENDS[n] for n in names)
+        if backend.supports(level, kind) and backend.available()
+    ]
+
+
+def available_levels(device: DeviceLike = "cpu") -> list[QuantizationLevel]:
+    """Levels with at least one available backend on ``device``, most precise first."""
+    return [level for level in LEVELS_BY_PRECISION if backend_preference(level, device)]
+
+
+def quantize_linear_with_fallback(
+    linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu", *, layer: Optional[str] = None
+) -> tuple[nn.Module, str]:
+    """Quantize one Linear with the best backend that takes it; return the module and its backend.
+
+    Backends whose kernels cannot take this shape are skipped; one that fails is logged and the
+    next one tried (the input Linear is left intact by a failing backend). Raises
+    :class:`UnsupportedLevelError` when no backend supports the level on the device at all, and
+    :class:`BackendError` naming the layer, level and every backend's reason when all fail.
+    """
+    level = QuantizationLevel.parse(level)
+    kind = device_type(device)
+    candidates = backend_preference(level, kind)
+    if not candidates:
+        raise UnsupportedLevelError(level, device, available_levels(device))
+    where = f"{layer} " if layer else ""
+    reasons: list[str] = []
+    for backend in candidates:
+        problem = backend.shape_problem(linear, level, kind)
+        if problem is not None:
+            logger.debug("%s%s: %s skipped: %s", where, describe_linear(linear), backend.name, problem)
+            reasons.append(f"{backend.name}: skipped, {problem}")
+            continue
+        try:
+            module = backend.quantize_linear(linear, level, device)
+        except Exception as exc:  # BackendError normally; anything else from a plug-in as well
+            logger.warning(
+                "%s%s at %s on %s: %s failed, trying the next backend: %s",
+                where, describe_linear(linear), level.value, kind, backend.name, exc,
+            )
+            reasons.append(f"{backend.name}: {type(exc).__name__}: {exc}")
+            continue
+        if reasons:
+            logger.info("%s%s at %s went to %s after: %s", where, describe_linear(linear), level.value,
+                        backend.name, "; ".join(reasons))
+        return module, backend.name
+    raise BackendError(
+        f"no backend could quantize {where}{describe_linear(linear)} to {level.value} on {kind}: "
+        + "; ".join(reasons)
+    )

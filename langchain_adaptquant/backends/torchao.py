@@ -1,0 +1,102 @@
+"""torchao: INT8 weight-only (``Int8WeightOnlyConfig``) and INT4 weight-only, via ``quantize_``.
+
+INT4 on CPU uses ``PrototypeInt4WeightOnlyConfig`` (torchao >= 0.13, an opaque tinygemm layout);
+the stable ``Int4WeightOnlyConfig`` needs GPU kernels. On this CPU the int4 packing needs
+``out_features % 16 == 0`` and a group size dividing ``in_features``; torchao silently leaves a
+layer in 16-bit when the group does not divide, so we check the shape first and the result after.
+The CUDA paths follow torchao's documentation and are not measured here (no GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from langchain_adaptquant.backends.base import (
+    BackendError,
+    DeviceLike,
+    LevelLike,
+    QuantizationBackend,
+    compute_dtype,
+    device_type,
+)
+from langchain_adaptquant.levels import QuantizationLevel
+
+#: Largest first: fewer scales per weight. torchao accepts 256/128/64/32; 128 is its default.
+INT4_GROUP_SIZES = (128, 64, 32)
+#: The int4 packing kernels (CPU ``_convert_weight_to_int4pack_cpu``) tile output rows by 16.
+INT4_OUT_MULTIPLE = 16
+
+
+def _cpu_int4_config() -> Optional[type]:
+    """The CPU int4 config class of the installed torchao, or None where there is none."""
+    try:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    except Exception:
+        return None
+    return PrototypeInt4WeightOnlyConfig
+
+
+def int4_group_size(in_features: int) -> Optional[int]:
+    """The largest supported group size dividing ``in_features`` (None: no int4 for this layer)."""
+    return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
+
+
+class TorchAOBackend(QuantizationBackend):
+    """Swaps the Linear's weight for a torchao tensor subclass; the module stays an ``nn.Linear``."""
+
+    name = "torchao"
+
+    def _import(self) -> None:
+        import torchao.quantization  # noqa: F401
+
+    def supports(self, level: LevelLike, device: DeviceLike = "cpu") -> bool:
+        level, kind = QuantizationLevel.parse(level), device_type(device)
+        if kind == "cpu":
+            if level is QuantizationLevel.INT4:
+                return _cpu_int4_config() is not None
+            return level is QuantizationLevel.INT8
+        if kind == "cuda":
+            return level in (QuantizationLevel.INT8, QuantizationLevel.INT4)
+        return False
+
+    def shape_problem(self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu") -> Optional[str]:
+        if QuantizationLevel.parse(level) is not QuantizationLevel.INT4:
+            return None
+        if int4_group_size(linear.in_features) is None:
+            return f"int4 needs in_features divisible by a group size in {INT4_GROUP_SIZES}"
+        if linear.out_features % INT4_OUT_MULTIPLE:
+            return f"int4 packing needs out_features % {INT4_OUT_MULTIPLE} == 0"
+        return None
+
+    def _config(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> Any:
+        if level is QuantizationLevel.INT8:
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            # set_inductor_config=False: do not change torch.compile settings for the whole process.
+            return Int8WeightOnlyConfig(set_inductor_config=False)
+        group = int4_group_size(linear.in_features)
+        if device_type(device) == "cpu":
+            return _cpu_int4_config()(group_size=group, set_inductor_config=False)
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        # tinygemm layout: its kernel ships with torch itself, unlike the default "plain" (fbgemm).
+        return Int4WeightOnlyConfig(
+            group_size=group, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
+
+    def _quantize(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> nn.Module:
+        from torchao.quantization import quantize_
+
+        dtype = compute_dtype(device)
+        # quantize_ replaces the weight in place; do it on a new Linear sharing the tensors, so the
+        # caller's layer stays intact if torchao fails and the registry falls back.
+        work = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        work.weight = nn.Parameter(linear.weight.detach().to(device=device, dtype=dtype), requires_grad=False)
+        if linear.bias is not None:
+            work.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+        quantize_(work, self._config(linear, level, device))
+        if not hasattr(work.weight, "__tensor_flatten__"):  # still a plain tensor
+            raise BackendError(f"torchao left the weight of {tuple(linear.weight.shape)} unquantized")
+        return work

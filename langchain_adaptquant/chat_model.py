@@ -1,0 +1,552 @@
+"""ChatAdaptQuant: a LangChain chat model over a local causal LM whose precision adapts at run time.
+
+Every invocation (1) counts as load in the manager's tracker, (2) lets the loader re-decide the
+level and requantize in place when conditions changed, then (3) generates with the model's chat
+template. Switches are dispatched as LangChain custom events (``adaptquant.requantize``), so any
+callback handler or tracer sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from operator import itemgetter
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union
+
+import torch
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks.manager import ahandle_event, handle_event
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+
+from langchain_adaptquant import chat_format, generation
+from langchain_adaptquant.assets import reference_model_path
+from langchain_adaptquant.errors import InvalidValueError
+from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
+from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
+from langchain_adaptquant.manager import DynamicQuantizationManager
+
+REQUANTIZE_EVENT = "adaptquant.requantize"
+
+_SHARED_LOADERS: dict[Optional[float], AdaptiveModelLoader] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_loader(memory_budget_gb: Optional[float] = None) -> AdaptiveModelLoader:
+    """One manager and loader per process (per budget): chat models on one model share one copy."""
+    with _SHARED_LOCK:
+        loader = _SHARED_LOADERS.get(memory_budget_gb)
+        if loader is None:
+            manager = DynamicQuantizationManager(memory_budget_gb=memory_budget_gb)
+            loader = _SHARED_LOADERS[memory_budget_gb] = AdaptiveModelLoader(manager=manager)
+        return loader
+
+
+class ChatAdaptQuant(BaseChatModel):
+    """Chat model over a local Hugging Face causal LM with adaptive weight precision.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_adaptquant import ChatAdaptQuant
+
+            llm = ChatAdaptQuant(max_tokens=64)  # the embedded reference model
+            msg = llm.invoke("Explain lists in one sentence.")
+            msg.response_metadata["quantization_level"]  # e.g. "fp16"
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), populate_by_name=True)
+
+    model: str = Field(default_factory=lambda: str(reference_model_path()))
+    """Local model folder or a hub id already in the local cache. Default: the embedded reference model."""
+    task_priority: TaskPriority = TaskPriority.BALANCED
+    """quality keeps precision longer under load; speed gives it up sooner. Per call: ``task_priority=``."""
+    force_quantization: Optional[QuantizationLevel] = None
+    """Pin a level (fp16/int8/int4/int2) instead of adapting; an error if no backend supports it here."""
+    temperature: Optional[float] = Field(default=None, ge=0)
+    """Sampling temperature; None or 0 decode greedily (deterministic)."""
+    max_tokens: int = Field(default=256, gt=0)
+    """Most new tokens per answer."""
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    stop: Optional[list[str]] = None
+    """Stop strings (any length; generation ends as soon as one appears, and it is cut off)."""
+    streaming: bool = False
+    """Stream tokens from ``invoke`` as well (callbacks get every token)."""
+    timeout: Optional[float] = Field(default=None, gt=0)
+    """Seconds a generation may run; it then ends with finish_reason 'timeout'."""
+    max_retries: int = Field(default=1, ge=0)
+    """Retries after running out of memory mid-generation, each one level lower."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for ``model.generate`` (e.g. repetition_penalty)."""
+    memory_budget_gb: Optional[float] = Field(default=None, gt=0)
+    """Cap on memory the policy may count on, in GiB (acts like a container limit)."""
+    manager: Optional[DynamicQuantizationManager] = Field(default=None, exclude=True)
+    loader: Optional[AdaptiveModelLoader] = Field(default=None, exclude=True)
+
+    _own_loader: Optional[AdaptiveModelLoader] = PrivateAttr(default=None)
+
+    @field_validator("task_priority", mode="before")
+    @classmethod
+    def _parse_priority(cls, value: Any) -> TaskPriority:
+        return TaskPriority.parse(value)
+
+    @field_validator("force_quantization", mode="before")
+    @classmethod
+    def _parse_level(cls, value: Any) -> Optional[QuantizationLevel]:
+        return None if value is None else QuantizationLevel.parse(value)
+
+    # -- LangChain conventions ------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "adaptquant"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task_priority": self.task_priority.value,
+            "force_quantization": self.force_quantization.value if self.force_quantization else None,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "stop": self.stop,
+        }
+
+    def _get_ls_params(self, stop: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "adaptquant"
+        override = kwargs.get("model")
+        params["ls_model_name"] = override if isinstance(override, str) else self.model
+        params["ls_model_type"] = "chat"
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def _loader(self) -> AdaptiveModelLoader:
+        if self.loader is not None:
+            return self.loader
+        if self.manager is not None:
+            if self._own_loader is None:
+                self._own_loader = AdaptiveModelLoader(manager=self.manager)
+            return self._own_loader
+        return shared_loader(self.memory_budget_gb)
+
+    def _prepare(self, priority: TaskPriority, force: Optional[QuantizationLevel]) -> tuple[LoadedModel, list[SwitchRecord]]:
+        """Load (or find) the model and let the policy switch it; returns the switches this call made."""
+        records: list[SwitchRecord] = []
+        loaded = self._loader().load_model(
+            self.model, task_priority=priority, force_quantization=force, on_switch=records.append
+        )
+        return loaded, records
+
+    def _call_options(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Per-call settings, validated before anything is loaded or counted."""
+        options = dict(kwargs)
+        priority = TaskPriority.parse(options.pop("task_priority", self.task_priority))
+        force = options.pop("force_quantization", self.force_quantization)
+        force = QuantizationLevel.parse(force) if force is not None else None
+        max_tokens = options.pop("max_tokens", self.max_tokens)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise InvalidValueError("max_tokens", max_tokens, "an integer greater than 0")
+        temperature = options.pop("temperature", self.temperature)
+        if temperature is not None and (not isinstance(temperature, (int, float)) or temperature < 0):
+            raise InvalidValueError("temperature", temperature, "None or a number >= 0")
+        stops = list(self.stop or []) + list(stop or []) + list(options.pop("stop", None) or [])
+        tools = options.pop("tools", None)
+        tool_choice = options.pop("tool_choice", None)
+        if tools:
+            chat_format.validate_tool_choice(tool_choice, tools)
+        response_format = options.pop("response_format", None)
+        extra = {**self.model_kwargs, **options}
+        return {
+            "priority": priority,
+            "force": force,
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "response_format": response_format,
+            "settings": generation.GenerationSettings(
+                max_new_tokens=max_tokens,
+                temperature=temperature,
+                top_p=options.pop("top_p", self.top_p),
+                stop=tuple(stops),
+                timeout_s=self.timeout,
+                extra=tuple(sorted((k, v) for k, v in extra.items() if k != "top_p")),
+            ),
+        }
+
+    def _prompt(self, loaded: LoadedModel, messages: list[BaseMessage], options: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        """Token ids of the rendered conversation, and any text pre-filled for the model (forced tool call)."""
+        tokenizer = loaded.tokenizer
+        if tokenizer is None:
+            raise InvalidValueError("model", self.model, "a model folder that includes a tokenizer")
+        chat = chat_format.to_chat_dicts(messages)
+        tools, choice = options["tools"], options["tool_choice"]
+        template_tools = None
+        system_notes: list[str] = []
+        prefill = ""
+        if tools and choice != "none":
+            if chat_format.template_renders_tools(getattr(tokenizer, "chat_template", None)):
+                template_tools = tools
+            else:
+                system_notes.append(chat_format.tools_system_prompt(tools))
+            instruction = chat_format.tool_choice_instruction(choice, tools)
+            if instruction:
+                system_notes.append(instruction)
+            forced = chat_format.forced_tool_name(choice, tools)
+            if forced:
+                prefill = '<tool_call>\n{"name": "' + forced + '", "arguments": '
+        response_format = options["response_format"]
+        if response_format:
+            system_notes.append(_json_instruction(response_format))
+            prefill = prefill or "{"
+        if system_notes:
+            note = "\n\n".join(system_notes)
+            if chat and chat[0]["role"] == "system":
+                chat[0] = {**chat[0], "content": f"{chat[0]['content']}\n\n{note}".strip()}
+            else:
+                chat.insert(0, {"role": "system", "content": note})
+        text = tokenizer.apply_chat_template(chat, tools=template_tools, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text + prefill, return_tensors="pt", add_special_tokens=False).input_ids
+        return ids, prefill
+
+    def _message_parts(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
+                       result: generation.GenerationResult) -> tuple[str, list, list, str]:
+        text = prefill + result.text
+        finish = result.finish_reason
+        if options["tools"] and options["tool_choice"] != "none":
+            if prefill.startswith("<tool_call>") and "</tool_call>" not in text:
+                text += "}</tool_call>" if text.count("{") > text.count("}") else "</tool_call>"
+            names = {t["function"]["name"] for t in options["tools"]}
+            content, calls, invalid = chat_format.parse_tool_calls(text, names)
+            if calls:
+                finish = "tool_calls"
+            return content, calls, invalid, finish
+        return text, [], [], finish
+
+    def _metadata(self, loaded: LoadedModel, result: generation.GenerationResult, finish: str) -> dict[str, Any]:
+        snapshot = self._loader().manager.snapshot()
+        return {
+            "model_name": self.model,
+            "model_provider": "adaptquant",
+            "quantization_level": loaded.level.value,
+            "precision": loaded.precision,
+            "backend": loaded.backend,
+            "backends": loaded.backend_summary(),
+            "memory": snapshot.to_dict(),
+            "model_size_mb": round(loaded.stored_bytes / 2**20, 2),
+            "decision_reason": loaded.last_decision_reason,
+            "generation_seconds": round(result.seconds, 4),
+            "finish_reason": finish,
+        }
+
+    @staticmethod
+    def _usage(result: generation.GenerationResult) -> UsageMetadata:
+        return UsageMetadata(
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            total_tokens=result.input_tokens + result.output_tokens,
+        )
+
+    def _run(self, loaded: LoadedModel, messages: list[BaseMessage], options: dict[str, Any],
+             cancel: threading.Event) -> tuple[generation.GenerationResult, str]:
+        """Generate, retrying one level lower when memory runs out mid-generation."""
+        attempts = 0
+        while True:
+            ids, prefill = self._prompt(loaded, messages, options)
+            try:
+                with loaded.in_use():
+                    return generation.generate(loaded.model, loaded.tokenizer, ids, options["settings"], cancel), prefill
+            except (MemoryError, torch.OutOfMemoryError):
+                lower = _next_lower(loaded.level)
+                if attempts >= self.max_retries or lower is None:
+                    raise
+                attempts += 1
+                self._loader().requantize(loaded, lower, reason="out of memory during generation")
+
+    def _result(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
+                result: generation.GenerationResult) -> ChatResult:
+        content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
+        message = AIMessage(
+            content=content,
+            tool_calls=calls,
+            invalid_tool_calls=invalid,
+            usage_metadata=self._usage(result),
+            response_metadata=self._metadata(loaded, result, finish),
+        )
+        return ChatResult(generations=[ChatGeneration(message=message, generation_info={"finish_reason": finish})])
+
+    # -- sync -----------------------------------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: Optional[list[str]] = None,
+        run_manager: Optional[CallbackManagerForLLMRun] = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        options = self._call_options(stop, kwargs)
+        chat_format.to_chat_dicts(messages)  # bad messages fail before anything is counted or loaded
+        if self.streaming and not options["tools"]:
+            chunks = list(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
+            merged = chunks[0]
+            for chunk in chunks[1:]:
+                merged += chunk
+            message = merged.message
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(
+                content=message.content, usage_metadata=message.usage_metadata,
+                response_metadata=message.response_metadata, tool_calls=message.tool_calls,
+            ))])
+        tracker = self._loader().manager.tracker
+        with tracker.track():
+            loaded, records = self._prepare(options["priority"], options["force"])
+            _dispatch_sync(run_manager, records)
+            result, prefill = self._run(loaded, messages, options, threading.Event())
+        return self._result(loaded, options, prefill, result)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: Optional[list[str]] = None,
+        run_manager: Optional[CallbackManagerForLLMRun] = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        options = self._call_options(stop, kwargs)
+        chat_format.to_chat_dicts(messages)
+        tracker = self._loader().manager.tracker
+        with tracker.track():
+            loaded, records = self._prepare(options["priority"], options["force"])
+            _dispatch_sync(run_manager, records)
+            ids, prefill = self._prompt(loaded, messages, options)
+            cancel = threading.Event()
+            with loaded.in_use():
+                pieces = generation.stream(loaded.model, loaded.tokenizer, ids, options["settings"], cancel)
+                try:
+                    for item in pieces:
+                        if isinstance(item, str):
+                            if options["tools"] or options["response_format"]:
+                                continue  # tool calls and JSON are parsed whole, at the end
+                            chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
+                            if run_manager:
+                                run_manager.on_llm_new_token(item, chunk=chunk)
+                            yield chunk
+                        else:
+                            result = item
+                finally:
+                    pieces.close()
+            yield self._final_chunk(loaded, options, prefill, result)
+
+    def _final_chunk(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
+                     result: generation.GenerationResult) -> ChatGenerationChunk:
+        content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
+        buffered = bool(options["tools"] or options["response_format"])
+        chunks = [
+            tool_call_chunk(name=c["name"], args=_json_dumps(c["args"]), id=c["id"], index=i) for i, c in enumerate(calls)
+        ]
+        message = AIMessageChunk(
+            content=content if buffered else "",
+            tool_call_chunks=chunks,
+            usage_metadata=self._usage(result),
+            response_metadata=self._metadata(loaded, result, finish),
+            chunk_position="last",
+        )
+        if invalid:
+            message.invalid_tool_calls = invalid
+        return ChatGenerationChunk(message=message, generation_info={"finish_reason": finish})
+
+    # -- async ----------------------------------------------------------------------------------
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: Optional[list[str]] = None,
+        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        options = self._call_options(stop, kwargs)
+        chat_format.to_chat_dicts(messages)
+        if self.streaming and not options["tools"]:
+            merged = None
+            async for chunk in self._astream(messages, stop=stop, run_manager=run_manager, **kwargs):
+                merged = chunk if merged is None else merged + chunk
+            message = merged.message
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(
+                content=message.content, usage_metadata=message.usage_metadata,
+                response_metadata=message.response_metadata,
+            ))])
+        tracker = self._loader().manager.tracker
+        async with tracker.atrack():
+            loaded, records = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
+            await _dispatch_async(run_manager, records)
+            cancel = threading.Event()
+            try:
+                result, prefill = await asyncio.to_thread(self._run, loaded, messages, options, cancel)
+            except asyncio.CancelledError:
+                cancel.set()  # the worker thread stops at its next token
+                raise
+        return self._result(loaded, options, prefill, result)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: Optional[list[str]] = None,
+        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        options = self._call_options(stop, kwargs)
+        chat_format.to_chat_dicts(messages)
+        tracker = self._loader().manager.tracker
+        async with tracker.atrack():
+            loaded, records = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
+            await _dispatch_async(run_manager, records)
+            ids, prefill = await asyncio.to_thread(self._prompt, loaded, messages, options)
+            cancel = threading.Event()
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+
+            def work() -> None:
+                try:
+                    with loaded.in_use():
+                        for item in generation.stream(loaded.model, loaded.tokenizer, ids, options["settings"], cancel):
+                            loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+                except BaseException as error:  # noqa: BLE001 - re-raised in the event loop
+                    loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
+
+            worker = threading.Thread(target=work, name="adaptquant-astream", daemon=True)
+            worker.start()
+            result = None
+            try:
+                while result is None:
+                    kind, item = await queue.get()
+                    if kind == "error":
+                        raise item
+                    if isinstance(item, str):
+                        if options["tools"] or options["response_format"]:
+                            continue
+                        chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
+                        if run_manager:
+                            await run_manager.on_llm_new_token(item, chunk=chunk)
+                        yield chunk
+                    else:
+                        result = item
+            finally:
+                cancel.set()  # a consumer that stops early (or a cancelled task) stops the worker
+            yield self._final_chunk(loaded, options, prefill, result)
+
+    # -- tools and structured output ------------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[Union[dict[str, Any], type, Callable, BaseTool]],
+        *,
+        tool_choice: Optional[Union[dict, str, Literal["auto", "any", "none", "required"], bool]] = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Render ``tools`` into the prompt (chat template ``tools`` variable) and parse calls back."""
+        formatted = []
+        for tool in tools:
+            try:
+                formatted.append(convert_to_openai_tool(tool))
+            except Exception as error:  # noqa: BLE001 - any conversion failure is the caller's input
+                raise InvalidValueError(
+                    "tool", tool, f"a pydantic model, a function, a BaseTool or an OpenAI tool dict ({error})"
+                ) from None
+        if tool_choice is not None:
+            chat_format.validate_tool_choice(tool_choice, formatted)
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: Optional[Union[dict, type]] = None,
+        *,
+        method: Literal["function_calling", "json_mode", "json_schema"] = "function_calling",
+        include_raw: bool = False,
+        strict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Parse answers into ``schema`` via a forced tool call, a JSON schema in the prompt, or JSON mode.
+
+        ``strict`` is accepted for compatibility; decoding is not constrained, so a small model can
+        still produce JSON that fails to parse (``include_raw=True`` returns the error instead).
+        """
+        if kwargs:
+            raise InvalidValueError("with_structured_output argument", sorted(kwargs), "schema, method, include_raw, strict")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        if method == "function_calling":
+            if schema is None:
+                raise InvalidValueError("schema", schema, "a pydantic model or a JSON schema dict for function_calling")
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format={
+                "kwargs": {"method": method}, "schema": tool})
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema" and schema is None:
+                raise InvalidValueError("schema", schema, "a pydantic model or a JSON schema dict for json_schema")
+            response_format: dict[str, Any] = {"type": "json_object"}
+            if schema is not None and method == "json_schema":
+                response_format = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+            llm = self.bind(response_format=response_format, ls_structured_output_format={
+                "kwargs": {"method": method}, "schema": convert_to_json_schema(schema) if schema is not None else None})
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise InvalidValueError("method", method, "'function_calling', 'json_schema' or 'json_mode'")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _json_instruction(response_format: dict[str, Any]) -> str:
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if schema:
+        return "Answer with one JSON object that matches this JSON schema, and nothing else:\n" + _json_dumps(schema)
+    return "Answer with one JSON object, and nothing else."
+
+
+def _json_dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _next_lower(level: QuantizationLevel) -> Optional[QuantizationLevel]:
+    from langchain_adaptquant.levels import LEVELS_BY_PRECISION
+
+    index = LEVELS_BY_PRECISION.index(level)
+    return LEVELS_BY_PRECISION[index + 1] if index + 1 < len(LEVELS_BY_PRECISION) else None
+
+
+def _dispatch_sync(run_manager: Optional[CallbackManagerForLLMRun], records: list[SwitchRecord]) -> None:
+    """Send each switch to every handler of this run, as ``dispatch_custom_event`` would."""
+    if run_manager is None or not run_manager.handlers:
+        return
+    for record in records:
+        handle_event(
+            run_manager.handlers, "on_custom_event", "ignore_custom_event", REQUANTIZE_EVENT, record.to_dict(),
+            run_id=run_manager.run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+        )
+
+
+async def _dispatch_async(run_manager: Optional[AsyncCallbackManagerForLLMRun], records: list[SwitchRecord]) -> None:
+    if run_manager is None or not run_manager.handlers:
+        return
+    for record in records:
+        await ahandle_event(
+            run_manager.handlers, "on_custom_event", "ignore_custom_event", REQUANTIZE_EVENT, record.to_dict(),
+            run_id=run_manager.run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+        )

@@ -1,0 +1,620 @@
+"""AdaptiveModelLoader: load a model at any level, requantize it in place, cache and evict.
+
+A load builds the model skeleton without memory (meta device), then fills it one tensor at a time
+from the memory-mapped safetensors: 16-bit parts as they are, each quantizable Linear through a
+backend. A switch does the same for the Linear layers only, swapping one module at a time, so peak
+memory is the larger of before/after plus about one layer, never two models. Requests in flight
+keep running: a forward pass holds the module it started with, and assigning a module attribute is
+atomic under the GIL, so each forward sees every layer either before or after its swap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from langchain_adaptquant.accounting import stored_bytes
+from langchain_adaptquant.backends.base import UnsupportedLevelError, compute_dtype
+from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback
+from langchain_adaptquant.errors import (
+    AdaptQuantError,
+    InsufficientMemoryError,
+    SwitchError,
+    UnsupportedArchitectureError,
+    WeightsError,
+)
+from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
+from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.resources import GIB, validate_budget_gb
+from langchain_adaptquant.sizing import ModelSize, size_from_model, size_of
+from langchain_adaptquant.weights import WeightSource, resolve_model_folder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("ADAPTQUANT_CACHE_DIR", Path.home() / ".cache" / "langchain_adaptquant"))
+
+
+def process_memory() -> tuple[int, int]:
+    """(RSS, anonymous RSS) of this process in bytes."""
+    from langchain_adaptquant.resources import _process_memory
+
+    import psutil
+
+    return _process_memory(psutil.Process())
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS: without malloc_trim, glibc keeps it and RSS does not fall."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and "libc.so" in libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def file_backed_bytes(model: nn.Module, folder: Path) -> int:
+    """Bytes of parameters whose storage is still the memory-mapped weights file under ``folder``.
+
+    Those pages are file-backed: they count in RSS once touched but the kernel can drop and re-read
+    them, unlike anonymous memory. Linux only (reads /proc/self/maps); 0 elsewhere.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    prefix = str(folder.resolve())
+    ranges = []
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(prefix) and parts[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    if not ranges:
+        return 0
+    total, seen = 0, set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        try:
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):
+            continue  # a quantized tensor subclass: its data was computed, so it is anonymous memory
+        if pointer in seen:
+            continue
+        seen.add(pointer)
+        if any(start <= pointer < end for start, end in ranges):
+            total += storage.nbytes()
+    return total
+
+
+@dataclass(frozen=True)
+class SwitchRecord:
+    """One requantization, successful or rolled back: what telemetry and stats report."""
+
+    model: str
+    from_level: str
+    to_level: str
+    reason: str
+    seconds: float
+    ok: bool
+    rss_before: int
+    rss_after: int
+    anon_before: int
+    anon_after: int
+    stored_bytes_before: int
+    stored_bytes_after: int
+    at: float = field(default_factory=time.time)
+    error: Optional[str] = None
+
+    @property
+    def direction(self) -> str:
+        before, after = QuantizationLevel.parse(self.from_level), QuantizationLevel.parse(self.to_level)
+        return "downgrade" if after.rank < before.rank else "upgrade"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "from_level": self.from_level,
+            "to_level": self.to_level,
+            "direction": self.direction,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 4),
+            "ok": self.ok,
+            "error": self.error,
+            "memory_before_mb": round(self.rss_before / 2**20, 1),
+            "memory_after_mb": round(self.rss_after / 2**20, 1),
+            "anon_before_mb": round(self.anon_before / 2**20, 1),
+            "anon_after_mb": round(self.anon_after / 2**20, 1),
+            "stored_mb_before": round(self.stored_bytes_before / 2**20, 2),
+            "stored_mb_after": round(self.stored_bytes_after / 2**20, 2),
+            "at": self.at,
+        }
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A cached model and what we know about it. ``model`` is swapped in place on every switch."""
+
+    key: str
+    name: str
+    folder: Path
+    model: Any
+    tokenizer: Any
+    level: QuantizationLevel
+    device: str
+    size: ModelSize
+    layer_backends: dict[str, str]
+    stored_bytes: int
+    load_seconds: float
+    access_count: int = 0
+    last_access: float = field(default_factory=time.time)
+    active_requests: int = 0
+    last_error: Optional[str] = None
+    last_decision_reason: str = ""
+    switches: list[SwitchRecord] = field(default_factory=list)
+    switch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def precision(self) -> str:
+        return self.level.precision(self.device)
+
+    def backend_summary(self) -> dict[str, int]:
+        """Which backend holds how many Linear layers (a layer a backend rejects falls to the next)."""
+        counts: dict[str, int] = {}
+        for backend in self.layer_backends.values():
+            counts[backend] = counts.get(backend, 0) + 1
+        return counts
+
+    @property
+    def backend(self) -> str:
+        """The backend holding most layers: the one-word answer for response metadata."""
+        summary = self.backend_summary()
+        return max(summary, key=summary.get) if summary else "none"
+
+    @contextmanager
+    def in_use(self) -> Iterator["LoadedModel"]:
+        """Mark a request in flight on this model: it cannot be evicted meanwhile."""
+        with self._count_lock:
+            self.active_requests += 1
+            self.last_access = time.time()
+        try:
+            yield self
+        finally:
+            with self._count_lock:
+                self.active_requests -= 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Cache statistics in the seed's shape (name, size_mb, access_count) and more."""
+        return {
+            "name": self.name,
+            "path": str(self.folder),
+            "level": self.level.value,
+            "precision": self.precision,
+            "device": self.device,
+            "size_mb": round(self.stored_bytes / 2**20, 2),
+            "estimated_mb": round(self.size.estimated_bytes(self.level) / 2**20, 2),
+            "file_backed_mb": round(file_backed_bytes(self.model, self.folder) / 2**20, 2),
+            "parameters": self.size.total_params,
+            "backends": self.backend_summary(),
+            "load_seconds": round(self.load_seconds, 3),
+            "access_count": self.access_count,
+            "last_access": self.last_access,
+            "active_requests": self.active_requests,
+            "switches": len(self.switches),
+            "last_error": self.last_error,
+        }
+
+
+def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every Linear except the output head, in module order (the head stays 16-bit, as in sizing)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _object_fingerprint(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string().encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        flat = tensor.detach().reshape(-1)[:64].float().cpu().numpy().tobytes()
+        digest.update(flat)
+    return digest.hexdigest()[:16]
+
+
+class AdaptiveModelLoader:
+    """Loads models at the level the manager picks, keeps them in an LRU cache, switches them in place."""
+
+    def __init__(
+        self,
+        manager: Optional[DynamicQuantizationManager] = None,
+        cache_budget_gb: Optional[float] = None,
+        device: Optional[str] = None,
+        cache_dir: Optional[str | Path] = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.manager = manager or DynamicQuantizationManager(device=device)
+        self.device = device or self.manager.device
+        self.cache_budget_gb = validate_budget_gb(cache_budget_gb)
+        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+        self.show_progress = show_progress
+        self._cache: "OrderedDict[str, LoadedModel]" = OrderedDict()
+        self._lock = threading.RLock()
+        self._load_lock = threading.Lock()
+
+    # -- public API -----------------------------------------------------------------------------
+    def load_model(
+        self,
+        model_id_or_path: Any,
+        model_size_params: Optional[float] = None,
+        task_priority: TaskPriority | str = TaskPriority.BALANCED,
+        force_quantization: Optional[QuantizationLevel | str] = None,
+        tokenizer: Any = None,
+        on_switch: Optional[Callable[[SwitchRecord], None]] = None,
+    ) -> LoadedModel:
+        """The cached model (re-optimized if conditions changed) or a fresh load at the best level.
+
+        ``model_id_or_path`` is a local folder, a hub id already in the local cache, or an
+        ``nn.Module`` (written once to a local safetensors cache, then loaded from there).
+        ``model_size_params`` overrides the size the policy reasons with (billions).
+        ``on_switch`` is called with the record of a switch this call performed (telemetry).
+        """
+        priority = TaskPriority.parse(task_priority)
+        forced = QuantizationLevel.parse(force_quantization) if force_quantization is not None else None
+        if forced is not None:
+            self._check_level_available(forced)
+        if isinstance(model_id_or_path, nn.Module):
+            folder = self._write_object(model_id_or_path, tokenizer)
+            name = str(getattr(getattr(model_id_or_path, "config", None), "_name_or_path", "") or folder.name)
+        else:
+            folder = resolve_model_folder(model_id_or_path)
+            name = str(model_id_or_path)
+        key = str(folder)
+        cached = self.get(key)
+        if cached is None:
+            with self._load_lock:
+                cached = self.get(key)
+                if cached is None:
+                    return self._load(key, name, folder, model_size_params, priority, forced)
+        with self._lock:
+            self._cache.move_to_end(key)
+        cached.access_count += 1
+        cached.last_access = time.time()
+        if forced is not None:
+            cached.last_decision_reason = f"forced to {forced.value}"
+            if forced is not cached.level:
+                record = self.requantize(cached, forced, reason=cached.last_decision_reason)
+                if record is not None and on_switch is not None:
+                    on_switch(record)
+        else:
+            record = self.reoptimize(cached, priority, model_size_params)
+            if record is not None and on_switch is not None:
+                on_switch(record)
+        return cached
+
+    def reoptimize(
+        self,
+        loaded: LoadedModel,
+        task_priority: TaskPriority | str = TaskPriority.BALANCED,
+        model_size_params: Optional[float] = None,
+    ) -> Optional[SwitchRecord]:
+        """Ask the manager whether ``loaded`` should switch now, and switch if so.
+
+        A failed switch is logged, recorded in the model's stats and leaves it serving at its level.
+        """
+        size = size_of(model_size_params) if model_size_params is not None else loaded.size
+        verdict = self.manager.should_reoptimize(
+            loaded.level, size, task_priority, model_key=loaded.key, current_bytes=loaded.stored_bytes
+        )
+        loaded.last_decision_reason = verdict.reason
+        if not verdict:
+            return None
+        try:
+            return self.requantize(loaded, verdict.target_level, reason=verdict.reason)
+        except SwitchError as error:
+            logger.warning("switch of %s failed, still at %s: %s", loaded.name, loaded.level.value, error)
+            return loaded.switches[-1] if loaded.switches else None
+
+    def requantize(self, loaded: LoadedModel, level: QuantizationLevel | str, reason: str = "requested") -> Optional[SwitchRecord]:
+        """Switch ``loaded`` to ``level`` in place, one Linear at a time, from the weights on disk.
+
+        All-or-nothing: if any layer fails, the layers already swapped are requantized back with
+        their previous backend and :class:`SwitchError` is raised; the model keeps serving. Two
+        switches of one model never overlap: the second waits, then finds the level already set.
+        """
+        level = QuantizationLevel.parse(level)
+        self._check_level_available(level)
+        with loaded.switch_lock:
+            if loaded.level is level:
+                return None
+            return self._switch(loaded, level, reason)
+
+    def get(self, key_or_path: str | Path) -> Optional[LoadedModel]:
+        with self._lock:
+            found = self._cache.get(str(key_or_path))
+            if found is None and Path(str(key_or_path)).exists():
+                found = self._cache.get(str(Path(key_or_path).resolve()))
+            return found
+
+    def models(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._cache.values())
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per cached model: name, level, size MB, access count, last access, backends, errors."""
+        return [loaded.to_dict() for loaded in self.models()]
+
+    def cached_bytes(self) -> int:
+        return sum(loaded.stored_bytes for loaded in self.models())
+
+    def evict(self, key_or_path: str | Path) -> bool:
+        """Drop one idle model from the cache; a model with requests in flight is never evicted."""
+        with self._lock:
+            loaded = self.get(key_or_path)
+            if loaded is None:
+                return False
+            if loaded.active_requests:
+                raise AdaptQuantError(
+                    f"model {loaded.name!r} has {loaded.active_requests} request(s) in flight; not evicted"
+                )
+            del self._cache[loaded.key]
+        self.manager.forget(loaded.key)
+        del loaded
+        release_memory()
+        return True
+
+    def clear(self) -> dict[str, Any]:
+        """Evict every idle model and return what was freed, measured on the process."""
+        rss_before, anon_before = process_memory()
+        evicted, kept = [], []
+        for loaded in self.models():
+            if loaded.active_requests:
+                kept.append(loaded.name)
+                continue
+            with self._lock:
+                self._cache.pop(loaded.key, None)
+            self.manager.forget(loaded.key)
+            evicted.append(loaded.name)
+        loaded = None  # noqa: F841 - drop the loop's last reference before collecting
+        release_memory()
+        rss_after, anon_after = process_memory()
+        return {
+            "evicted": evicted,
+            "kept_in_use": kept,
+            "freed_rss_mb": round((rss_before - rss_after) / 2**20, 1),
+            "freed_anon_mb": round((anon_before - anon_after) / 2**20, 1),
+            "rss_mb": round(rss_after / 2**20, 1),
+        }
+
+    # -- internals ------------------------------------------------------------------------------
+    def _check_level_available(self, level: QuantizationLevel) -> None:
+        levels = available_levels(self.device)
+        if level not in levels:
+            raise UnsupportedLevelError(level, self.device, levels)
+
+    def _make_room(self, needed: int, name: str) -> None:
+        if self.cache_budget_gb is None:
+            return
+        budget = int(self.cache_budget_gb * GIB)
+        with self._lock:
+            idle = [m for m in self._cache.values() if not m.active_requests]  # LRU first
+            used = sum(m.stored_bytes for m in self._cache.values())
+            victims = []
+            for candidate in idle:
+                if used + needed <= budget:
+                    break
+                victims.append(candidate)
+                used -= candidate.stored_bytes
+            if used + needed > budget:
+                raise InsufficientMemoryError(
+                    required_gb=needed / GIB,
+                    available_gb=(budget - used) / GIB,
+                    headroom_gb=0.0,
+                    level=f"cache budget {self.cache_budget_gb:g} GiB for {name}",
+                )
+        for victim in victims:
+            logger.info("evicting %s (LRU, idle) to make room for %s", victim.name, name)
+            self.evict(victim.key)
+
+    def _load(
+        self,
+        key: str,
+        name: str,
+        folder: Path,
+        model_size_params: Optional[float],
+        priority: TaskPriority,
+        forced: Optional[QuantizationLevel],
+    ) -> LoadedModel:
+        started = time.perf_counter()
+        source = WeightSource(folder)
+        config = source.config()
+        skeleton = self._skeleton(config)
+        size = size_from_model(skeleton, source=f"{getattr(config, 'model_type', 'model')} config")
+        policy_size = size_of(model_size_params) if model_size_params is not None else size
+        if forced is not None:
+            level, reason = forced, f"forced to {forced.value}"
+        else:
+            decision = self.manager.calculate_optimal_quantization(policy_size, priority)
+            level, reason = decision.level, decision.reason
+        self._make_room(size.estimated_bytes(level), name)
+        with source:
+            source.verify()
+            model, backends = self._materialize(skeleton, source, level, name)
+        tokenizer = self._tokenizer(folder)
+        loaded = LoadedModel(
+            key=key,
+            name=name,
+            folder=folder,
+            model=model,
+            tokenizer=tokenizer,
+            level=level,
+            device=self.device,
+            size=size,
+            layer_backends=backends,
+            stored_bytes=stored_bytes(model),
+            load_seconds=time.perf_counter() - started,
+            last_decision_reason=reason,
+        )
+        loaded.access_count = 1
+        with self._lock:
+            self._cache[key] = loaded
+        self.manager.record_switch(key, level)
+        logger.info("loaded %s at %s in %.2fs (%s)", name, level.value, loaded.load_seconds, reason)
+        return loaded
+
+    def _skeleton(self, config: Any) -> nn.Module:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(self.device))
+        except (ValueError, KeyError, ImportError) as error:
+            raise UnsupportedArchitectureError(
+                f"architecture {getattr(config, 'model_type', '?')!r} has no causal-LM class in transformers: {error}"
+            ) from None
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # so sizing counts a tied head once, as it is stored
+        return model.eval()
+
+    def _materialize(
+        self, model: nn.Module, source: WeightSource, level: QuantizationLevel, name: str
+    ) -> tuple[nn.Module, dict[str, str]]:
+        dtype = compute_dtype(self.device)
+        targets = quantizable_linears(model)
+        target_names = {layer for layer, _ in targets}
+        for module_name, module in model.named_modules():
+            if module_name in target_names:
+                continue
+            for param_name, param in list(module.named_parameters(recurse=False)):
+                full = f"{module_name}.{param_name}" if module_name else param_name
+                if full not in source:
+                    continue  # tied weights are filled by tie_weights below; leftovers are checked after
+                tensor = source.tensor(full).to(device=self.device, dtype=dtype)
+                module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        backends: dict[str, str] = {}
+        for layer, _ in tqdm(targets, desc=f"load {name} at {level.value}", unit="layer", disable=not self.show_progress):
+            module, backend = self._quantize_layer(source, layer, level)
+            _swap(model, layer, module)
+            backends[layer] = backend
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise WeightsError(f"weights in {str(source.folder)!r} lack {len(missing)} tensor(s), e.g. {missing[:3]}")
+        return model, backends
+
+    def _quantize_layer(
+        self, source: WeightSource, layer: str, level: QuantizationLevel, backend_name: Optional[str] = None
+    ) -> tuple[nn.Module, str]:
+        weight = source.tensor(f"{layer}.weight")
+        bias_name = f"{layer}.bias"
+        bias = source.tensor(bias_name) if bias_name in source else None
+        dtype = compute_dtype(self.device)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=dtype)
+        linear.weight = nn.Parameter(weight.to(device=self.device, dtype=dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(device=self.device, dtype=dtype), requires_grad=False)
+        if backend_name is not None:
+            return get_backend(backend_name).quantize_linear(linear, level, self.device), backend_name
+        return quantize_linear_with_fallback(linear, level, self.device)
+
+    def _switch(self, loaded: LoadedModel, level: QuantizationLevel, reason: str) -> SwitchRecord:
+        started = time.perf_counter()
+        previous = loaded.level
+        rss_before, anon_before = process_memory()
+        bytes_before = loaded.stored_bytes
+        layers = list(loaded.layer_backends)
+        swapped: list[str] = []
+        new_backends = dict(loaded.layer_backends)
+        try:
+            with WeightSource(loaded.folder) as source:
+                source.verify()
+                progress = tqdm(layers, desc=f"{loaded.name}: {previous.value} -> {level.value}", unit="layer", disable=not self.show_progress)
+                try:
+                    for layer in progress:
+                        module, backend = self._quantize_layer(source, layer, level)
+                        _swap(loaded.model, layer, module)
+                        swapped.append(layer)
+                        new_backends[layer] = backend
+                        del module
+                except Exception as error:
+                    self._roll_back(loaded, source, swapped)
+                    raise error
+        except Exception as error:  # noqa: BLE001 - any failure becomes a rollback and a SwitchError
+            release_memory()
+            rss_after, anon_after = process_memory()
+            message = f"switch {previous.value} -> {level.value} of {loaded.name!r} failed and was rolled back: {error}"
+            loaded.last_error = message
+            loaded.switches.append(
+                SwitchRecord(loaded.name, previous.value, level.value, reason, time.perf_counter() - started, False,
+                             rss_before, rss_after, anon_before, anon_after, bytes_before, loaded.stored_bytes, error=str(error))
+            )
+            raise SwitchError(message, previous.value) from error
+        loaded.level = level
+        loaded.layer_backends = new_backends
+        release_memory()
+        loaded.stored_bytes = stored_bytes(loaded.model)
+        rss_after, anon_after = process_memory()
+        record = SwitchRecord(
+            loaded.name, previous.value, level.value, reason, time.perf_counter() - started, True,
+            rss_before, rss_after, anon_before, anon_after, bytes_before, loaded.stored_bytes,
+        )
+        loaded.switches.append(record)
+        self.manager.record_switch(loaded.key, level)
+        logger.info("switched %s %s -> %s in %.2fs: %s", loaded.name, previous.value, level.value, record.seconds, reason)
+        return record
+
+    def _roll_back(self, loaded: LoadedModel, source: WeightSource, swapped: list[str]) -> None:
+        for layer in swapped:
+            module, _ = self._quantize_layer(source, layer, loaded.level, loaded.layer_backends[layer])
+            _swap(loaded.model, layer, module)
+
+    def _tokenizer(self, folder: Path) -> Any:
+        if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+
+    def _write_object(self, model: nn.Module, tokenizer: Any) -> Path:
+        """Write an in-memory model once to the local safetensors cache; later calls reuse it."""
+        if not hasattr(model, "save_pretrained"):
+            raise UnsupportedArchitectureError(
+                f"model object of type {type(model).__name__} cannot be saved; pass a transformers PreTrainedModel"
+            )
+        folder = self.cache_dir / "objects" / _object_fingerprint(model)
+        marker = folder / ".complete"
+        if not marker.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(str(folder), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(folder))
+            marker.write_text(json.dumps({"written_at": time.time()}))
+        return folder.resolve()
