@@ -145,13 +145,14 @@ class ChatAdaptQuant(BaseChatModel):
             return self._own_loader
         return shared_loader(self.memory_budget_gb)
 
-    def _prepare(self, priority: TaskPriority, force: Optional[QuantizationLevel]) -> tuple[LoadedModel, list[SwitchRecord]]:
-        """Load (or find) the model and let the policy switch it; returns the switches this call made."""
-        records: list[SwitchRecord] = []
+    def _prepare(self, priority: TaskPriority, force: Optional[QuantizationLevel]) -> tuple[LoadedModel, "_CallRecord"]:
+        """Load (or find) the model and let the policy switch it; returns what this call decided and did."""
+        call = _CallRecord()
         loaded = self._loader().load_model(
-            self.model, task_priority=priority, force_quantization=force, on_switch=records.append
+            self.model, task_priority=priority, force_quantization=force,
+            on_switch=call.switches.append, on_decision=call.set_reason,
         )
-        return loaded, records
+        return loaded, call
 
     def _call_options(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Per-call settings, validated before anything is loaded or counted."""
@@ -237,7 +238,8 @@ class ChatAdaptQuant(BaseChatModel):
             return content, calls, invalid, finish
         return text, [], [], finish
 
-    def _metadata(self, loaded: LoadedModel, result: generation.GenerationResult, finish: str) -> dict[str, Any]:
+    def _metadata(self, loaded: LoadedModel, result: generation.GenerationResult, finish: str,
+                  call: "_CallRecord") -> dict[str, Any]:
         snapshot = self._loader().manager.snapshot()
         return {
             "model_name": self.model,
@@ -248,7 +250,8 @@ class ChatAdaptQuant(BaseChatModel):
             "backends": loaded.backend_summary(),
             "memory": snapshot.to_dict(),
             "model_size_mb": round(loaded.stored_bytes / 2**20, 2),
-            "decision_reason": loaded.last_decision_reason,
+            "decision_reason": call.reason,
+            "switches": [record.to_dict() for record in call.switches],
             "generation_seconds": round(result.seconds, 4),
             "finish_reason": finish,
         }
@@ -278,14 +281,14 @@ class ChatAdaptQuant(BaseChatModel):
                 self._loader().requantize(loaded, lower, reason="out of memory during generation")
 
     def _result(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
-                result: generation.GenerationResult) -> ChatResult:
+                result: generation.GenerationResult, call: "_CallRecord") -> ChatResult:
         content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
         message = AIMessage(
             content=content,
             tool_calls=calls,
             invalid_tool_calls=invalid,
             usage_metadata=self._usage(result),
-            response_metadata=self._metadata(loaded, result, finish),
+            response_metadata=self._metadata(loaded, result, finish, call),
         )
         return ChatResult(generations=[ChatGeneration(message=message, generation_info={"finish_reason": finish})])
 
@@ -311,10 +314,10 @@ class ChatAdaptQuant(BaseChatModel):
             ))])
         tracker = self._loader().manager.tracker
         with tracker.track():
-            loaded, records = self._prepare(options["priority"], options["force"])
-            _dispatch_sync(run_manager, records)
+            loaded, call = self._prepare(options["priority"], options["force"])
+            _dispatch_sync(run_manager, call.switches)
             result, prefill = self._run(loaded, messages, options, threading.Event())
-        return self._result(loaded, options, prefill, result)
+        return self._result(loaded, options, prefill, result, call)
 
     def _stream(
         self,
@@ -327,8 +330,8 @@ class ChatAdaptQuant(BaseChatModel):
         chat_format.to_chat_dicts(messages)
         tracker = self._loader().manager.tracker
         with tracker.track():
-            loaded, records = self._prepare(options["priority"], options["force"])
-            _dispatch_sync(run_manager, records)
+            loaded, call = self._prepare(options["priority"], options["force"])
+            _dispatch_sync(run_manager, call.switches)
             ids, prefill = self._prompt(loaded, messages, options)
             cancel = threading.Event()
             with loaded.in_use():
@@ -346,10 +349,10 @@ class ChatAdaptQuant(BaseChatModel):
                             result = item
                 finally:
                     pieces.close()
-            yield self._final_chunk(loaded, options, prefill, result)
+            yield self._final_chunk(loaded, options, prefill, result, call)
 
     def _final_chunk(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
-                     result: generation.GenerationResult) -> ChatGenerationChunk:
+                     result: generation.GenerationResult, call: "_CallRecord") -> ChatGenerationChunk:
         content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
         buffered = bool(options["tools"] or options["response_format"])
         chunks = [
@@ -359,7 +362,7 @@ class ChatAdaptQuant(BaseChatModel):
             content=content if buffered else "",
             tool_call_chunks=chunks,
             usage_metadata=self._usage(result),
-            response_metadata=self._metadata(loaded, result, finish),
+            response_metadata=self._metadata(loaded, result, finish, call),
             chunk_position="last",
         )
         if invalid:
@@ -387,15 +390,15 @@ class ChatAdaptQuant(BaseChatModel):
             ))])
         tracker = self._loader().manager.tracker
         async with tracker.atrack():
-            loaded, records = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
-            await _dispatch_async(run_manager, records)
+            loaded, call = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
+            await _dispatch_async(run_manager, call.switches)
             cancel = threading.Event()
             try:
                 result, prefill = await asyncio.to_thread(self._run, loaded, messages, options, cancel)
             except asyncio.CancelledError:
                 cancel.set()  # the worker thread stops at its next token
                 raise
-        return self._result(loaded, options, prefill, result)
+        return self._result(loaded, options, prefill, result, call)
 
     async def _astream(
         self,
@@ -408,8 +411,8 @@ class ChatAdaptQuant(BaseChatModel):
         chat_format.to_chat_dicts(messages)
         tracker = self._loader().manager.tracker
         async with tracker.atrack():
-            loaded, records = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
-            await _dispatch_async(run_manager, records)
+            loaded, call = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
+            await _dispatch_async(run_manager, call.switches)
             ids, prefill = await asyncio.to_thread(self._prompt, loaded, messages, options)
             cancel = threading.Event()
             loop = asyncio.get_running_loop()
@@ -442,7 +445,7 @@ class ChatAdaptQuant(BaseChatModel):
                         result = item
             finally:
                 cancel.set()  # a consumer that stops early (or a cancelled task) stops the worker
-            yield self._final_chunk(loaded, options, prefill, result)
+            yield self._final_chunk(loaded, options, prefill, result, call)
 
     # -- tools and structured output ------------------------------------------------------------
     def bind_tools(
@@ -509,6 +512,17 @@ class ChatAdaptQuant(BaseChatModel):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+class _CallRecord:
+    """What one invocation's preparation decided and did (threads each get their own)."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.switches: list[SwitchRecord] = []
+
+    def set_reason(self, reason: str) -> None:
+        self.reason = reason
 
 
 def _json_instruction(response_format: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""The ``adaptquant`` command: calculate, status and demo.
+"""The ``adaptquant`` command: calculate, status, demo and simplify.
 
 argparse keeps the CLI free of extra dependencies; tables use rich when it is installed (the
 server extra) and plain text otherwise. Bad input exits with status 2 and a one-line message.
@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--priority", type=_priority, default="balanced")
     demo.add_argument("--total-gb", type=_budget, default=512.0, help="host memory the replay assumes")
     demo.set_defaults(func=cmd_demo)
+
+    from langchain_adaptquant.pipelines.simplify_cli import add_simplify_command
+
+    add_simplify_command(sub)
     return parser
 
 

@@ -265,7 +265,7 @@ def apply_hysteresis(
         return HysteresisVerdict(
             False,
             f"keep {current.value}: {target.value} asked for by load, not memory; waiting "
-            f"{config.load_downgrade_delay_s:g}s for it to persist ({waited:.0f}s so far)",
+            f"{config.load_downgrade_delay_s:g}s for it to persist ({waited:.0f}s so far): {decision.reason}",
             replace(blocked, soft_downgrade_since=since),
         )
     calm_since = max(state.last_switch_at, state.upgrade_blocked_at)
@@ -275,7 +275,7 @@ def apply_hysteresis(
     return HysteresisVerdict(
         False,
         f"keep {current.value}: {target.value} possible, cooling down "
-        f"({now - calm_since:.0f}s of {config.upgrade_cooldown_s:g}s)",
+        f"({now - calm_since:.0f}s of {config.upgrade_cooldown_s:g}s): {decision.reason}",
         pending,
     )
 

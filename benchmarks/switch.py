@@ -1,0 +1,214 @@
+"""Cost of an in-place switch vs a cold reload, per step of 16-bit -> INT8 -> INT4 -> INT2 -> INT4 -> 16-bit.
+
+    python benchmarks/switch.py [--models reference,llama-150m] [--out benchmarks/results/switch.json]
+
+For each model and step: seconds of ``AdaptiveModelLoader.requantize`` and its peak process memory
+(RSS from the kernel's high-water mark, reset before each step; anonymous memory sampled every
+2 ms), against a cold ``from_pretrained`` of the same model with the equivalent quantization config,
+timed in the same process. Reload-based switching holds the old model while the new one loads, so
+its peak is before + after; the in-place target is at most 1.15 x max(before, after).
+After every switch one forward pass touches all weights, so memory-mapped 16-bit weights are
+resident when "after" is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
+from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.loader import AdaptiveModelLoader, release_memory
+
+CHAIN = ("int8", "int4", "int2", "int4", "fp16")
+MB = 2**20
+
+
+def read_status() -> dict[str, int]:
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def reset_peak() -> None:
+    """Writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class AnonSampler:
+    """Samples RssAnon every ``interval`` seconds in a thread; ``peak`` is the highest seen."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, read_status()["RssAnon"])
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "AnonSampler":
+        self.peak = read_status()["RssAnon"]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, read_status()["RssAnon"])
+
+
+def measured(action: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    gc.collect()
+    release_memory()
+    before = read_status()
+    reset_peak()
+    started = time.perf_counter()
+    with AnonSampler() as sampler:
+        result = action()
+    seconds = time.perf_counter() - started
+    peak = read_status()
+    return result, {
+        "seconds": seconds,
+        "rss_before_mb": before["VmRSS"] / MB,
+        "anon_before_mb": before["RssAnon"] / MB,
+        "peak_rss_mb": peak["VmHWM"] / MB,
+        "peak_anon_mb": sampler.peak / MB,
+    }
+
+
+def touch(model: Any) -> None:
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))
+
+
+def cold_config(level: str) -> dict[str, Any]:
+    """from_pretrained arguments equivalent to our CPU backends for ``level``."""
+    if level == "fp16":
+        return {}
+    if level == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig())}
+    from transformers import QuantoConfig
+
+    return {"quantization_config": QuantoConfig(weights=level)}
+
+
+def cold_load(folder: Path, level: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, **cold_config(level))
+    touch(model)
+    return model
+
+
+def bench_model(name: str, folder: Path) -> list[dict[str, Any]]:
+    manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=256, used_percent=10), snapshot_ttl_s=0)
+    loader = AdaptiveModelLoader(manager=manager, show_progress=False)
+    loaded, load_stats = measured(lambda: loader.load_model(folder, force_quantization="fp16"))
+    touch(loaded.model)
+    rows = []
+    previous = "fp16"
+    for target in CHAIN:
+        after_prev = read_status()
+        _, stats = measured(lambda: (loader.requantize(loaded, target), touch(loaded.model)))
+        after = read_status()
+        del _
+        # the cold reload of the target level, while the current model is still held (reload-based switching)
+        cold_model, cold = measured(lambda: cold_load(folder, target))
+        cold_peak_anon = cold["peak_anon_mb"]
+        del cold_model
+        gc.collect()
+        release_memory()
+        rss_before, rss_after = after_prev["VmRSS"] / MB, after["VmRSS"] / MB
+        anon_before, anon_after = after_prev["RssAnon"] / MB, after["RssAnon"] / MB
+        row = {
+            "model": name,
+            "switch": f"{previous} -> {target}",
+            "direction": "downgrade" if QuantizationLevel(target).rank < QuantizationLevel(previous).rank else "upgrade",
+            "switch_s": round(stats["seconds"], 3),
+            "cold_reload_s": round(cold["seconds"], 3),
+            "time_ratio": round(stats["seconds"] / cold["seconds"], 3),
+            "rss_before_mb": round(rss_before, 1),
+            "rss_after_mb": round(rss_after, 1),
+            "peak_rss_mb": round(stats["peak_rss_mb"], 1),
+            "peak_rss_ratio": round(stats["peak_rss_mb"] / max(rss_before, rss_after), 3),
+            "anon_before_mb": round(anon_before, 1),
+            "anon_after_mb": round(anon_after, 1),
+            "peak_anon_mb": round(stats["peak_anon_mb"], 1),
+            "peak_anon_ratio": round(stats["peak_anon_mb"] / max(anon_before, anon_after), 3),
+            "reload_peak_anon_mb": round(cold_peak_anon, 1),
+            "reload_peak_rss_mb": round(cold["peak_rss_mb"], 1),
+            "reload_peak_rss_ratio": round(cold["peak_rss_mb"] / max(rss_before, rss_after), 3),
+            "stored_mb": round(loaded.stored_bytes / MB, 2),
+            "backends": loaded.backend_summary(),
+        }
+        rows.append(row)
+        print(
+            f"{name:12s} {row['switch']:14s} switch {row['switch_s']:6.2f}s  cold {row['cold_reload_s']:6.2f}s "
+            f"(x{row['time_ratio']:.2f})  peak RSS x{row['peak_rss_ratio']:.3f}  peak anon x{row['peak_anon_ratio']:.3f}"
+            f"  stored {row['stored_mb']:.1f} MB",
+            flush=True,
+        )
+        previous = target
+    loader.clear()
+    return rows
+
+
+def resolve(name: str) -> Path:
+    if Path(name).is_dir():
+        return Path(name)
+    if name == "reference":
+        from langchain_adaptquant.assets import reference_model_path
+
+        return reference_model_path()
+    from langchain_adaptquant.model_zoo import build_random_model
+
+    return build_random_model(name)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="in-place switch vs cold reload")
+    parser.add_argument("--models", default="reference,llama-150m")
+    parser.add_argument("--out", default="benchmarks/results/switch.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, resolve(name))
+    header = ["model", "switch", "switch_s", "cold_reload_s", "time_ratio", "peak_rss_ratio", "reload_peak_rss_ratio",
+              "peak_anon_ratio",
+              "rss_before_mb", "rss_after_mb", "peak_rss_mb", "stored_mb"]
+    print()
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for row in rows:
+        print(" | ".join(str(row[h]) for h in header))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
