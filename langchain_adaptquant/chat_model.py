@@ -145,11 +145,11 @@ class ChatAdaptQuant(BaseChatModel):
             return self._own_loader
         return shared_loader(self.memory_budget_gb)
 
-    def _prepare(self, priority: TaskPriority, force: Optional[QuantizationLevel]) -> tuple[LoadedModel, "_CallRecord"]:
+    def _prepare(self, options: dict[str, Any]) -> tuple[LoadedModel, "_CallRecord"]:
         """Load (or find) the model and let the policy switch it; returns what this call decided and did."""
         call = _CallRecord()
         loaded = self._loader().load_model(
-            self.model, task_priority=priority, force_quantization=force,
+            options["model"], task_priority=options["priority"], force_quantization=options["force"],
             on_switch=call.switches.append, on_decision=call.set_reason,
         )
         return loaded, call
@@ -157,6 +157,9 @@ class ChatAdaptQuant(BaseChatModel):
     def _call_options(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Per-call settings, validated before anything is loaded or counted."""
         options = dict(kwargs)
+        model = options.pop("model", None) or self.model
+        if not isinstance(model, str):
+            raise InvalidValueError("model", model, "a model folder or a cached hub id, as a string")
         priority = TaskPriority.parse(options.pop("task_priority", self.task_priority))
         force = options.pop("force_quantization", self.force_quantization)
         force = QuantizationLevel.parse(force) if force is not None else None
@@ -174,6 +177,7 @@ class ChatAdaptQuant(BaseChatModel):
         response_format = options.pop("response_format", None)
         extra = {**self.model_kwargs, **options}
         return {
+            "model": model,
             "priority": priority,
             "force": force,
             "tools": tools,
@@ -193,7 +197,7 @@ class ChatAdaptQuant(BaseChatModel):
         """Token ids of the rendered conversation, and any text pre-filled for the model (forced tool call)."""
         tokenizer = loaded.tokenizer
         if tokenizer is None:
-            raise InvalidValueError("model", self.model, "a model folder that includes a tokenizer")
+            raise InvalidValueError("model", loaded.name, "a model folder that includes a tokenizer")
         chat = chat_format.to_chat_dicts(messages)
         tools, choice = options["tools"], options["tool_choice"]
         template_tools = None
@@ -242,16 +246,19 @@ class ChatAdaptQuant(BaseChatModel):
                   call: "_CallRecord") -> dict[str, Any]:
         snapshot = self._loader().manager.snapshot()
         return {
-            "model_name": self.model,
+            "model_name": loaded.name,
             "model_provider": "adaptquant",
-            "quantization_level": loaded.level.value,
-            "precision": loaded.precision,
+            "quantization_level": (call.level or loaded.level).value,
+            "precision": (call.level or loaded.level).precision(loaded.device),
             "backend": loaded.backend,
             "backends": loaded.backend_summary(),
             "memory": snapshot.to_dict(),
             "model_size_mb": round(loaded.stored_bytes / 2**20, 2),
             "decision_reason": call.reason,
             "switches": [record.to_dict() for record in call.switches],
+            # another request switched the model while this one generated: its layers were swapped
+            # one by one mid-answer, so the answer mixes levels (still well-formed)
+            "switched_during_generation": call.switched_during_generation,
             "generation_seconds": round(result.seconds, 4),
             "finish_reason": finish,
         }
@@ -265,14 +272,17 @@ class ChatAdaptQuant(BaseChatModel):
         )
 
     def _run(self, loaded: LoadedModel, messages: list[BaseMessage], options: dict[str, Any],
-             cancel: threading.Event) -> tuple[generation.GenerationResult, str]:
+             cancel: threading.Event, call: "_CallRecord") -> tuple[generation.GenerationResult, str]:
         """Generate, retrying one level lower when memory runs out mid-generation."""
         attempts = 0
         while True:
             ids, prefill = self._prompt(loaded, messages, options)
             try:
                 with loaded.in_use():
-                    return generation.generate(loaded.model, loaded.tokenizer, ids, options["settings"], cancel), prefill
+                    call.start(loaded)
+                    result = generation.generate(loaded.model, loaded.tokenizer, ids, options["settings"], cancel)
+                    call.finish(loaded)
+                    return result, prefill
             except (MemoryError, torch.OutOfMemoryError):
                 lower = _next_lower(loaded.level)
                 if attempts >= self.max_retries or lower is None:
@@ -314,9 +324,9 @@ class ChatAdaptQuant(BaseChatModel):
             ))])
         tracker = self._loader().manager.tracker
         with tracker.track():
-            loaded, call = self._prepare(options["priority"], options["force"])
+            loaded, call = self._prepare(options)
             _dispatch_sync(run_manager, call.switches)
-            result, prefill = self._run(loaded, messages, options, threading.Event())
+            result, prefill = self._run(loaded, messages, options, threading.Event(), call)
         return self._result(loaded, options, prefill, result, call)
 
     def _stream(
@@ -330,11 +340,12 @@ class ChatAdaptQuant(BaseChatModel):
         chat_format.to_chat_dicts(messages)
         tracker = self._loader().manager.tracker
         with tracker.track():
-            loaded, call = self._prepare(options["priority"], options["force"])
+            loaded, call = self._prepare(options)
             _dispatch_sync(run_manager, call.switches)
             ids, prefill = self._prompt(loaded, messages, options)
             cancel = threading.Event()
             with loaded.in_use():
+                call.start(loaded)
                 pieces = generation.stream(loaded.model, loaded.tokenizer, ids, options["settings"], cancel)
                 try:
                     for item in pieces:
@@ -349,6 +360,7 @@ class ChatAdaptQuant(BaseChatModel):
                             result = item
                 finally:
                     pieces.close()
+                call.finish(loaded)
             yield self._final_chunk(loaded, options, prefill, result, call)
 
     def _final_chunk(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
@@ -390,11 +402,11 @@ class ChatAdaptQuant(BaseChatModel):
             ))])
         tracker = self._loader().manager.tracker
         async with tracker.atrack():
-            loaded, call = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
+            loaded, call = await asyncio.to_thread(self._prepare, options)
             await _dispatch_async(run_manager, call.switches)
             cancel = threading.Event()
             try:
-                result, prefill = await asyncio.to_thread(self._run, loaded, messages, options, cancel)
+                result, prefill = await asyncio.to_thread(self._run, loaded, messages, options, cancel, call)
             except asyncio.CancelledError:
                 cancel.set()  # the worker thread stops at its next token
                 raise
@@ -411,7 +423,7 @@ class ChatAdaptQuant(BaseChatModel):
         chat_format.to_chat_dicts(messages)
         tracker = self._loader().manager.tracker
         async with tracker.atrack():
-            loaded, call = await asyncio.to_thread(self._prepare, options["priority"], options["force"])
+            loaded, call = await asyncio.to_thread(self._prepare, options)
             await _dispatch_async(run_manager, call.switches)
             ids, prefill = await asyncio.to_thread(self._prompt, loaded, messages, options)
             cancel = threading.Event()
@@ -421,7 +433,10 @@ class ChatAdaptQuant(BaseChatModel):
             def work() -> None:
                 try:
                     with loaded.in_use():
+                        call.start(loaded)
                         for item in generation.stream(loaded.model, loaded.tokenizer, ids, options["settings"], cancel):
+                            if not isinstance(item, str):
+                                call.finish(loaded)
                             loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
                 except BaseException as error:  # noqa: BLE001 - re-raised in the event loop
                     loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
@@ -520,9 +535,21 @@ class _CallRecord:
     def __init__(self) -> None:
         self.reason = ""
         self.switches: list[SwitchRecord] = []
+        self.switched_during_generation = False
+        self.level: Optional[QuantizationLevel] = None
+        self._version = 0
 
     def set_reason(self, reason: str) -> None:
         self.reason = reason
+
+    def start(self, loaded: LoadedModel) -> None:
+        """Note the weights' version and level as generation starts."""
+        self._version = loaded.weights_version
+        self.level = loaded.level
+
+    def finish(self, loaded: LoadedModel) -> None:
+        """A switch overlapped this generation if the version moved or was odd (mid-switch) at start."""
+        self.switched_during_generation = loaded.weights_version != self._version or self._version % 2 == 1
 
 
 def _json_instruction(response_format: dict[str, Any]) -> str:

@@ -173,6 +173,9 @@ class LoadedModel:
     active_requests: int = 0
     last_error: Optional[str] = None
     last_decision_reason: str = ""
+    #: Even when the weights are stable, odd while a switch swaps layers (a seqlock): a request that
+    #: saw the same even value before and after generating ran entirely at one level.
+    weights_version: int = 0
     switches: list[SwitchRecord] = field(default_factory=list)
     switch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -367,7 +370,11 @@ class AdaptiveModelLoader:
         with loaded.switch_lock:
             if loaded.level is level:
                 return None
-            return self._switch(loaded, level, reason)
+            loaded.weights_version += 1  # odd while layers are being swapped
+            try:
+                return self._switch(loaded, level, reason)
+            finally:
+                loaded.weights_version += 1
 
     def get(self, key_or_path: str | Path) -> Optional[LoadedModel]:
         with self._lock:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from langchain_adaptquant.errors import InsufficientMemoryError
 from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel, TaskPriority
 from langchain_adaptquant.load import LoadTracker
 from langchain_adaptquant.policy import (
@@ -218,8 +219,23 @@ class DynamicQuantizationManager:
     ) -> ReoptimizeDecision:
         """Should the model at ``current_level`` switch now? Call :meth:`record_switch` once it did."""
         level = QuantizationLevel.parse(current_level)
-        decision = self.decide(model_size_params, task_priority, level, current_bytes)
         now = self._clock() if now is None else now
+        try:
+            decision = self.decide(model_size_params, task_priority, level, current_bytes)
+        except InsufficientMemoryError as error:
+            # The model is already resident: failing its requests would not free anything. Shrink it
+            # to the smallest level at once and keep serving.
+            smallest = self.available_levels[-1]
+            reason = f"nothing fits ({error}); shrink to the smallest level {smallest.value} and keep serving"
+            with self._states_lock:
+                self._states[model_key] = replace(
+                    self._states.get(model_key) or HysteresisState(level=level), level=level, upgrade_blocked_at=now
+                )
+            logger.warning("%s: %s", model_key, reason)
+            return ReoptimizeDecision(
+                switch=smallest is not level, current_level=level, target_level=smallest, reason=reason,
+                projected_used_percent=100.0,
+            )
         with self._states_lock:
             state = self._states.get(model_key) or HysteresisState()
             if state.level is not level:  # the caller knows the model's level best; keep the timers
