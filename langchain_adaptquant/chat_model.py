@@ -163,6 +163,8 @@ class ChatAdaptQuant(BaseChatModel):
         priority = TaskPriority.parse(options.pop("task_priority", self.task_priority))
         force = options.pop("force_quantization", self.force_quantization)
         force = QuantizationLevel.parse(force) if force is not None else None
+        if force is not None:
+            self._loader().check_level_available(force)  # before the call counts as load
         max_tokens = options.pop("max_tokens", self.max_tokens)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise InvalidValueError("max_tokens", max_tokens, "an integer greater than 0")

@@ -298,7 +298,7 @@ class AdaptiveModelLoader:
         priority = TaskPriority.parse(task_priority)
         forced = QuantizationLevel.parse(force_quantization) if force_quantization is not None else None
         if forced is not None:
-            self._check_level_available(forced)
+            self.check_level_available(forced)
         if isinstance(model_id_or_path, nn.Module):
             folder = self._write_object(model_id_or_path, tokenizer)
             name = str(getattr(getattr(model_id_or_path, "config", None), "_name_or_path", "") or folder.name)
@@ -366,7 +366,7 @@ class AdaptiveModelLoader:
         switches of one model never overlap: the second waits, then finds the level already set.
         """
         level = QuantizationLevel.parse(level)
-        self._check_level_available(level)
+        self.check_level_available(level)
         with loaded.switch_lock:
             if loaded.level is level:
                 return None
@@ -434,7 +434,8 @@ class AdaptiveModelLoader:
         }
 
     # -- internals ------------------------------------------------------------------------------
-    def _check_level_available(self, level: QuantizationLevel) -> None:
+    def check_level_available(self, level: QuantizationLevel) -> None:
+        """Raise UnsupportedLevelError (naming the levels there are) when no backend here stores ``level``."""
         levels = available_levels(self.device)
         if level not in levels:
             raise UnsupportedLevelError(level, self.device, levels)
