@@ -9,6 +9,11 @@ EXTRAS := dev,server,quanto,torchao,simplify,train
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+# The dashboard test drives headless Chromium; installed once (Debian package), only for the tests.
+CHROMIUM := /usr/bin/chromium
+CHROMIUM_STAMP := $(VENV)/.chromium-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -20,13 +25,18 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+$(CHROMIUM_STAMP):
+	test -x $(CHROMIUM) || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
+	test -x $(CHROMIUM)
+	mkdir -p $(VENV) && touch $(CHROMIUM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/adaptquant demo
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: $(STAMP)

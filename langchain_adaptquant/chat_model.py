@@ -9,6 +9,7 @@ callback handler or tracer sees them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from operator import itemgetter
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union
@@ -228,6 +229,11 @@ class ChatAdaptQuant(BaseChatModel):
                 chat.insert(0, {"role": "system", "content": note})
         text = tokenizer.apply_chat_template(chat, tools=template_tools, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text + prefill, return_tensors="pt", add_special_tokens=False).input_ids
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        if context and ids.shape[1] >= context:
+            raise InvalidValueError(
+                "prompt length", f"{ids.shape[1]} tokens", f"fewer than the model's context of {context} tokens"
+            )
         return ids, prefill
 
     def _message_parts(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
@@ -282,7 +288,8 @@ class ChatAdaptQuant(BaseChatModel):
             try:
                 with loaded.in_use():
                     call.start(loaded)
-                    result = generation.generate(loaded.model, loaded.tokenizer, ids, options["settings"], cancel)
+                    settings = _fit_context(options["settings"], loaded, ids)
+                    result = generation.generate(loaded.model, loaded.tokenizer, ids, settings, cancel)
                     call.finish(loaded)
                     return result, prefill
             except (MemoryError, torch.OutOfMemoryError):
@@ -348,7 +355,7 @@ class ChatAdaptQuant(BaseChatModel):
             cancel = threading.Event()
             with loaded.in_use():
                 call.start(loaded)
-                pieces = generation.stream(loaded.model, loaded.tokenizer, ids, options["settings"], cancel)
+                pieces = generation.stream(loaded.model, loaded.tokenizer, ids, _fit_context(options["settings"], loaded, ids), cancel)
                 try:
                     for item in pieces:
                         if isinstance(item, str):
@@ -436,7 +443,8 @@ class ChatAdaptQuant(BaseChatModel):
                 try:
                     with loaded.in_use():
                         call.start(loaded)
-                        for item in generation.stream(loaded.model, loaded.tokenizer, ids, options["settings"], cancel):
+                        settings = _fit_context(options["settings"], loaded, ids)
+                        for item in generation.stream(loaded.model, loaded.tokenizer, ids, settings, cancel):
                             if not isinstance(item, str):
                                 call.finish(loaded)
                             loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
@@ -552,6 +560,14 @@ class _CallRecord:
     def finish(self, loaded: LoadedModel) -> None:
         """A switch overlapped this generation if the version moved or was odd (mid-switch) at start."""
         self.switched_during_generation = loaded.weights_version != self._version or self._version % 2 == 1
+
+
+def _fit_context(settings: generation.GenerationSettings, loaded: LoadedModel, ids: torch.Tensor) -> generation.GenerationSettings:
+    """Cap new tokens so prompt plus answer stay inside the model's context window."""
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not context or ids.shape[1] + settings.max_new_tokens <= context:
+        return settings
+    return dataclasses.replace(settings, max_new_tokens=max(1, context - ids.shape[1]))
 
 
 def _json_instruction(response_format: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
-"""The ``adaptquant`` command: calculate, status, demo and simplify.
+"""The ``adaptquant`` command: calculate, status, demo, serve, chat and simplify.
 
 argparse keeps the CLI free of extra dependencies; tables use rich when it is installed (the
 server extra) and plain text otherwise. Bad input exits with status 2 and a one-line message.
+The work lives elsewhere (``demo``, ``server.run``); this module only parses and prints.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
@@ -106,8 +109,63 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.replay:
+        return cmd_replay(args)
+    return cmd_live_demo(args)
+
+
+def _model_path(value: Optional[str]) -> str:
+    from langchain_adaptquant.assets import reference_model_path
+
+    return value or str(reference_model_path())
+
+
+def cmd_live_demo(args: argparse.Namespace) -> int:
+    """The seed's timeline against a real model: real generation, real switches, a live table."""
+    from langchain_adaptquant.demo import progress_line, render, run_demo, switch_lines
+
+    try:
+        from rich.console import Console
+        from rich.live import Live
+    except ImportError:  # plain lines when rich is missing
+        Console = Live = None  # type: ignore[assignment,misc]
+    model = _model_path(args.model)
+    total_gb = args.total_gb or 16.0
+    title = f"Live: seed timeline on {os.path.basename(model.rstrip('/'))}, {args.priority} priority, " \
+            f"scripted memory of a {total_gb:g} GiB host, 15 virtual minutes per step"
+    console = Console() if Console else None
+    if console is not None and not console.is_terminal:
+        console = Console(width=170)  # a log file has no width; keep the reasons readable
+    rows: list[Any] = []
+    if console is not None and console.is_terminal and Live is not None:
+        with Live(render(rows, title), console=console, refresh_per_second=8) as live:
+            result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens,
+                              on_row=lambda row: (rows.append(row), live.update(render(rows, title))))
+    else:
+        print(title, flush=True)
+
+        def line(row: Any) -> None:  # not a terminal (CI, a pipe): one line per step as it ends
+            rows.append(row)
+            print("  " + progress_line(row), flush=True)
+
+        result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=line)
+        if console is not None:
+            console.print(render(rows, title))
+    print("switches (measured):", flush=True)
+    for text in switch_lines(result.switches) or ["none"]:
+        print(f"  {text}")
+    telemetry = result.telemetry
+    print(f"telemetry: {telemetry['calls']} calls, {telemetry['errors']} errors, switches {telemetry['switches']}, "
+          f"levels {telemetry['levels']}, latency p50 {telemetry['latency_p50_s']}s p95 {telemetry['latency_p95_s']}s, "
+          f"tokens {telemetry['tokens']}")
+    print(f"done in {result.seconds:.1f}s (memory is scripted; generation, load and switches are real)")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
     from langchain_adaptquant.replay import SEED_HOST_GB, replay
 
+    args.total_gb = args.total_gb or SEED_HOST_GB
     rows = replay(model_size_params=args.params, task_priority=args.priority, total_gb=args.total_gb)
     _print_table(
         f"Seed timeline replayed through the decision engine: {args.params:g}B model, "
@@ -120,6 +178,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if args.total_gb == SEED_HOST_GB:
         print(f"(sizes are honest estimates: see `adaptquant calculate --params {args.params:g}`)")
+    return 0
+
+
+def _port(value: str) -> int:
+    if not value.strip().isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid --port {value!r}: a whole number from 0 to 65535 (0 picks a free one)")
+    return int(value)
+
+
+def _positive(name: str) -> Any:
+    def parse(value: str) -> int:
+        if not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"invalid --{name} {value!r}: a whole number >= 1")
+        return int(value)
+
+    return parse
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from langchain_adaptquant.server.run import serve
+    except ImportError as error:
+        raise InvalidValueError("command", "serve", f"an install with the server extra: pip install "
+                                f"'langchain-adaptquant[server]' ({error})") from None
+    token = args.token or os.environ.get("ADAPTQUANT_TOKEN") or None
+    return serve(_model_path(args.model), host=args.host, port=args.port, token=token, max_queue=args.max_queue,
+                 max_tokens_limit=args.max_tokens_limit, memory_budget_gb=args.memory_budget_gb,
+                 preload=not args.no_preload, log_level=args.log_level)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A streaming REPL: one line in, the answer token by token, then the level it was served at."""
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from langchain_adaptquant.chat_model import ChatAdaptQuant
+    from langchain_adaptquant.loader import AdaptiveModelLoader
+    from langchain_adaptquant.manager import DynamicQuantizationManager
+    from langchain_adaptquant.weights import resolve_model_folder
+
+    model = _model_path(args.model)
+    resolve_model_folder(model)  # a missing model is an error before the prompt appears
+    loader = AdaptiveModelLoader(manager=DynamicQuantizationManager(memory_budget_gb=args.memory_budget_gb),
+                                 show_progress=False)
+    llm = ChatAdaptQuant(model=model, loader=loader, task_priority=args.priority, max_tokens=args.max_tokens,
+                         temperature=args.temperature)
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {os.path.basename(model.rstrip('/'))} ({args.priority} priority); "
+          "/quit to exit, /reset to forget the conversation", flush=True)
+    history: list[Any] = []
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if not line:
+            break  # end of input
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            history.clear()
+            print("(conversation forgotten)", flush=True)
+            continue
+        history.append(HumanMessage(text))
+        answer, last, started = [], None, time.perf_counter()
+        try:
+            for chunk in llm.stream(history[-args.history:]):
+                if chunk.content:
+                    answer.append(chunk.content)
+                    sys.stdout.write(chunk.content)
+                    sys.stdout.flush()
+                last = chunk
+        except KeyboardInterrupt:
+            print("\n[interrupted]", flush=True)
+            history.pop()
+            continue
+        history.append(AIMessage("".join(answer)))
+        meta = last.response_metadata if last is not None else {}
+        usage = (last.usage_metadata if last is not None else None) or {}
+        switched = "".join(f", switched {s['from_level']} -> {s['to_level']}" for s in meta.get("switches", []))
+        print(f"\n[{meta.get('quantization_level', '?')} · {usage.get('output_tokens', 0)} tokens · "
+              f"{time.perf_counter() - started:.2f}s{switched}]", flush=True)
     return 0
 
 
@@ -140,11 +283,36 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    demo = sub.add_parser("demo", help="replay the seed's re-optimization timeline through the engine")
-    demo.add_argument("--params", type=_params, default=7.0)
+    demo = sub.add_parser("demo", help="the seed's re-optimization timeline, live on a real model (--replay: engine only)")
+    demo.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
     demo.add_argument("--priority", type=_priority, default="balanced")
-    demo.add_argument("--total-gb", type=_budget, default=512.0, help="host memory the replay assumes")
+    demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=16, help="tokens per demo answer")
+    demo.add_argument("--replay", action="store_true", help="replay the timeline through the decision engine only")
+    demo.add_argument("--params", type=_params, default=7.0, help="--replay: model size in billions")
+    demo.add_argument("--total-gb", type=_budget, default=None,
+                      help="host memory the timeline's percentages refer to (default 16; --replay: 512)")
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="REST API, OpenAI-compatible chat and dashboard for one model")
+    serve.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback needs --token")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--token", default=None, help="bearer token for chat and cache/clear (or ADAPTQUANT_TOKEN)")
+    serve.add_argument("--max-queue", type=_positive("max-queue"), default=16, help="chat requests in flight before 503")
+    serve.add_argument("--max-tokens-limit", type=_positive("max-tokens-limit"), default=1024)
+    serve.add_argument("--memory-budget-gb", type=_budget, default=None)
+    serve.add_argument("--no-preload", action="store_true", help="load the model on the first request instead")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser("chat", help="interactive chat on stdin/stdout, streaming, with the level per answer")
+    chat.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    chat.add_argument("--priority", type=_priority, default="balanced")
+    chat.add_argument("--max-tokens", type=_positive("max-tokens"), default=128)
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--history", type=_positive("history"), default=8, help="messages of context to keep")
+    chat.add_argument("--memory-budget-gb", type=_budget, default=None)
+    chat.set_defaults(func=cmd_chat)
 
     from langchain_adaptquant.pipelines.simplify_cli import add_simplify_command
 

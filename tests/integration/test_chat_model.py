@@ -182,3 +182,15 @@ def test_two_chat_models_share_one_loaded_model_by_default(tiny_chat_dir):
     entries = [m for m in a._loader().stats() if m["path"] == str(tiny_chat_dir)]
     assert len(entries) == 1 and entries[0]["access_count"] == 2
     a._loader().evict(str(tiny_chat_dir))
+
+
+def test_prompt_beyond_the_context_window_is_a_clear_error(setup):
+    from langchain_adaptquant import InvalidValueError
+
+    llm, _, manager, _ = setup
+    with pytest.raises(InvalidValueError, match="prompt length.*context of 2048 tokens"):
+        llm.invoke("lorem ipsum " * 2000)
+    assert manager.tracker.stats().active == 0
+    # a long answer is capped to fit the window instead of failing
+    near = llm.model_copy(update={"max_tokens": 5000})
+    assert near.invoke("short").usage_metadata["total_tokens"] <= 2048

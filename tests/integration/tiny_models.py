@@ -61,7 +61,7 @@ def build_tiny_chat(folder: Path, seed: int = 0) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512,
+        num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=2048,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     torch.manual_seed(seed)

@@ -36,7 +36,7 @@ def test_status_table_mentions_memory_and_level(capsys):
 
 
 def test_demo_prints_the_replayed_timeline(capsys):
-    code, out, _ = run(capsys, "demo")
+    code, out, _ = run(capsys, "demo", "--replay")
     assert code == 0
     for clock in ("10:00", "10:15", "10:30", "10:45", "11:00"):
         assert clock in out
