@@ -120,6 +120,7 @@ def extension(meta: dict[str, Any]) -> dict[str, Any]:
         "switches": meta.get("switches") or [],
         "generation_seconds": meta.get("generation_seconds"),
         "finish_reason": meta.get("finish_reason"),
+        "switched_during_generation": bool(meta.get("switched_during_generation")),
         "memory_used_percent": memory.get("used_percent"),
         "model_size_mb": meta.get("model_size_mb"),
     }
