@@ -178,7 +178,8 @@ class ChatAdaptQuant(BaseChatModel):
         if tools:
             chat_format.validate_tool_choice(tool_choice, tools)
         response_format = options.pop("response_format", None)
-        extra = {**self.model_kwargs, **options}
+        top_p = options.pop("top_p", self.top_p)
+        extra = {**self.model_kwargs, **options}  # anything else goes to model.generate
         return {
             "model": model,
             "priority": priority,
@@ -189,10 +190,10 @@ class ChatAdaptQuant(BaseChatModel):
             "settings": generation.GenerationSettings(
                 max_new_tokens=max_tokens,
                 temperature=temperature,
-                top_p=options.pop("top_p", self.top_p),
+                top_p=top_p,
                 stop=tuple(stops),
                 timeout_s=self.timeout,
-                extra=tuple(sorted((k, v) for k, v in extra.items() if k != "top_p")),
+                extra=tuple(extra.items()),
             ),
         }
 
