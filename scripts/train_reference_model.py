@@ -148,8 +148,8 @@ class Settings:
     finetune_examples: int = 480
     finetune_batch_size: int = 8
     finetune_steps: int = 400
-    finetune_lr: float = 4e-4
-    finetune_mix_every: int = 2  # every n-th fine-tune step is a pre-training batch
+    finetune_lr: float = 5e-4
+    finetune_mix_every: int = 3  # every n-th fine-tune step is a pre-training batch
     # Wall-time budgets. On a fast enough machine they never bind and the run is deterministic; on a busy,
     # shared one the LR schedule is compressed to finish in time (the card then says "time-limited").
     pretrain_minutes: float = 22.0
@@ -818,9 +818,9 @@ The corpus differs between Python versions; the hash tells whether a rebuild saw
 {info['command']}
 ```
 
-Seed {s['seed']}. Pre-training: {info['pretrain']['steps']} steps x {s['batch_size']} x {s['seq_len']} tokens,
+Seed {s['seed']}. Pre-training: {info['pretrain']['steps']} steps (of {s['pretrain_steps']} planned) x {s['batch_size']} x {s['seq_len']} tokens,
 AdamW (lr {s['pretrain_lr']}, cosine, warmup {s['warmup_steps']}), {info['pretrain']['seconds'] / 60:.1f} min.
-Chat fine-tune: {info['finetune']['steps']} steps (batch {s['finetune_batch_size']}) on {info['n_chat_examples']} generated examples (stdlib Q/A from
+Chat fine-tune: {info['finetune']['steps']} steps (of {s['finetune_steps']} planned, batch {s['finetune_batch_size']}) on {info['n_chat_examples']} generated examples (stdlib Q/A from
 docstrings, tool calls, tool results), loss on assistant tokens only, 1 step in {s['finetune_mix_every']} on a
 pre-training batch; {info['finetune']['seconds'] / 60:.1f} min. Total wall time {info['total_minutes']:.1f} min on
 {info['machine']}.
