@@ -174,6 +174,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--budget-gb", type=float, default=8.0, help="memory the scripted probe pretends to have")
+    parser.add_argument("--swing-every-s", type=float, default=1.0, help="seconds between memory swings")
     parser.add_argument("--out", default="benchmarks/results/stress.json")
     args = parser.parse_args(argv)
 
@@ -184,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     llm = ChatAdaptQuant(model=args.model, loader=loader, max_tokens=args.max_tokens, temperature=0)
     levels = [level.value for level in available_levels("cpu")]
     reference = reference_answers(llm, levels)
-    report = run_load(llm, probe, args.requests, args.threads, args.tasks)
+    report = run_load(llm, probe, args.requests, args.threads, args.tasks, swing_every_s=args.swing_every_s)
     summary_with_checks = {**report.summary(), "mismatches": len(mismatches(report, reference)),
                            "active_after": manager.tracker.stats().active, "clients": args.threads + args.tasks}
     for key, value in summary_with_checks.items():

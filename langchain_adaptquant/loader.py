@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -59,14 +60,15 @@ def process_memory() -> tuple[int, int]:
     return _process_memory(psutil.Process())
 
 
-def release_memory(full: bool = False) -> None:
-    """Give freed memory back to the OS: without malloc_trim, glibc keeps it and RSS does not fall.
+#: Bytes of source weights requantized between two ``malloc_trim`` calls during a switch. glibc
+#: keeps freed per-layer temporaries in its heap; on a 150M model a switch without trimming peaked
+#: at 2.1x the anonymous memory it ended with, with a trim every 12 MB at ~1.1x (benchmarks/switch.py).
+#: Trimming after every layer cost 1.5x the switch time for little more.
+TRIM_EVERY_BYTES = 12 * 2**20
 
-    Swapped-out modules are freed by reference counting; collecting the young generations catches
-    cycles made during the switch. A full collection walks every object of transformers and torch
-    (~0.4 s with 450k objects here), so only eviction asks for it.
-    """
-    gc.collect() if full else gc.collect(1)
+
+def trim_heap() -> None:
+    """Return free heap pages to the OS now (glibc only; a no-op elsewhere)."""
     libc_name = ctypes.util.find_library("c")
     if libc_name and "libc.so" in libc_name:
         try:
@@ -75,16 +77,23 @@ def release_memory(full: bool = False) -> None:
             pass
 
 
-def file_backed_bytes(model: nn.Module, folder: Path) -> int:
-    """Bytes of parameters whose storage is still the memory-mapped weights file under ``folder``.
+def release_memory(full: bool = False) -> None:
+    """Give freed memory back to the OS: without malloc_trim, glibc keeps it and RSS does not fall.
 
-    Those pages are file-backed: they count in RSS once touched but the kernel can drop and re-read
-    them, unlike anonymous memory. Linux only (reads /proc/self/maps); 0 elsewhere.
+    Swapped-out modules are freed by reference counting; collecting the young generations catches
+    cycles made during the switch. A full collection walks every object of transformers and torch
+    (~0.4 s with 450k objects here), so only eviction asks for it.
     """
+    gc.collect() if full else gc.collect(1)
+    trim_heap()
+
+
+def mapped_ranges(folder: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps the safetensors files under ``folder`` (Linux)."""
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return 0
+        return []
     prefix = str(folder.resolve())
     ranges = []
     for line in maps:
@@ -92,6 +101,43 @@ def file_backed_bytes(model: nn.Module, folder: Path) -> int:
         if len(parts) == 6 and parts[5].startswith(prefix) and parts[5].endswith(".safetensors"):
             start, end = (int(x, 16) for x in parts[0].split("-"))
             ranges.append((start, end))
+    return ranges
+
+
+_MADV_DONTNEED = 4
+_LIBC = None
+
+
+def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Let the kernel drop the resident pages of a memory-mapped source tensor we no longer need.
+
+    After a layer is quantized its 16-bit source pages would otherwise stay in RSS until memory
+    pressure reclaims them. Only whole pages inside the tensor and inside a mapping of the weights
+    file are dropped; the mapping is read-only, so a later read simply faults them in again.
+    """
+    global _LIBC
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in ranges):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name, use_errno=True) if name else False
+    if _LIBC:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def file_backed_bytes(model: nn.Module, folder: Path) -> int:
+    """Bytes of parameters whose storage is still the memory-mapped weights file under ``folder``.
+
+    Those pages are file-backed: they count in RSS once touched but the kernel can drop and re-read
+    them, unlike anonymous memory. Linux only (reads /proc/self/maps); 0 elsewhere.
+    """
+    ranges = mapped_ranges(folder)
     if not ranges:
         return 0
     total, seen = 0, set()
@@ -160,6 +206,7 @@ class LoadedModel:
     key: str
     name: str
     folder: Path
+    source: WeightSource  # the open, memory-mapped weights: switches re-read from this one mapping
     model: Any
     tokenizer: Any
     level: QuantizationLevel
@@ -485,14 +532,14 @@ class AdaptiveModelLoader:
             decision = self.manager.calculate_optimal_quantization(policy_size, priority)
             level, reason = decision.level, decision.reason
         self._make_room(size.estimated_bytes(level), name)
-        with source:
-            source.verify()
-            model, backends = self._materialize(skeleton, source, level, name)
+        source.verify()  # opens (maps) every file once; the model keeps this mapping for its lifetime
+        model, backends = self._materialize(skeleton, source, level, name)
         tokenizer = self._tokenizer(folder)
         loaded = LoadedModel(
             key=key,
             name=name,
             folder=folder,
+            source=source,
             model=model,
             tokenizer=tokenizer,
             level=level,
@@ -543,8 +590,9 @@ class AdaptiveModelLoader:
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         backends: dict[str, str] = {}
+        ranges = mapped_ranges(source.folder)
         for layer, _ in tqdm(targets, desc=f"load {name} at {level.value}", unit="layer", disable=not self.show_progress):
-            module, backend = self._quantize_layer(source, layer, level)
+            module, backend = self._quantize_layer(source, layer, level, ranges=ranges)
             _swap(model, layer, module)
             backends[layer] = backend
         missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -553,7 +601,8 @@ class AdaptiveModelLoader:
         return model, backends
 
     def _quantize_layer(
-        self, source: WeightSource, layer: str, level: QuantizationLevel, backend_name: Optional[str] = None
+        self, source: WeightSource, layer: str, level: QuantizationLevel, backend_name: Optional[str] = None,
+        ranges: Optional[list[tuple[int, int]]] = None,
     ) -> tuple[nn.Module, str]:
         weight = source.tensor(f"{layer}.weight")
         bias_name = f"{layer}.bias"
@@ -564,8 +613,12 @@ class AdaptiveModelLoader:
         if bias is not None:
             linear.bias = nn.Parameter(bias.to(device=self.device, dtype=dtype), requires_grad=False)
         if backend_name is not None:
-            return get_backend(backend_name).quantize_linear(linear, level, self.device), backend_name
-        return quantize_linear_with_fallback(linear, level, self.device)
+            result = get_backend(backend_name).quantize_linear(linear, level, self.device), backend_name
+        else:
+            result = quantize_linear_with_fallback(linear, level, self.device)
+        if ranges and level is not QuantizationLevel.FP16:
+            drop_file_pages(weight, ranges)  # the quantized copy is all this layer keeps
+        return result
 
     def _switch(self, loaded: LoadedModel, level: QuantizationLevel, reason: str) -> SwitchRecord:
         started = time.perf_counter()
@@ -575,20 +628,26 @@ class AdaptiveModelLoader:
         layers = list(loaded.layer_backends)
         swapped: list[str] = []
         new_backends = dict(loaded.layer_backends)
+        source = loaded.source
         try:
-            with WeightSource(loaded.folder) as source:
-                source.verify()
-                progress = tqdm(layers, desc=f"{loaded.name}: {previous.value} -> {level.value}", unit="layer", disable=not self.show_progress)
-                try:
-                    for layer in progress:
-                        module, backend = self._quantize_layer(source, layer, level)
-                        _swap(loaded.model, layer, module)
-                        swapped.append(layer)
-                        new_backends[layer] = backend
-                        del module
-                except Exception as error:
-                    self._roll_back(loaded, source, swapped)
-                    raise error
+            source.verify()
+            ranges = mapped_ranges(loaded.folder)
+            progress = tqdm(layers, desc=f"{loaded.name}: {previous.value} -> {level.value}", unit="layer", disable=not self.show_progress)
+            since_trim = 0
+            try:
+                for layer in progress:
+                    module, backend = self._quantize_layer(source, layer, level, ranges=ranges)
+                    _swap(loaded.model, layer, module)
+                    swapped.append(layer)
+                    new_backends[layer] = backend
+                    del module
+                    since_trim += source.nbytes(f"{layer}.weight")
+                    if since_trim >= TRIM_EVERY_BYTES:
+                        trim_heap()
+                        since_trim = 0
+            except Exception as error:
+                self._roll_back(loaded, source, swapped)
+                raise error
         except Exception as error:  # noqa: BLE001 - any failure becomes a rollback and a SwitchError
             release_memory()
             rss_after, anon_after = process_memory()

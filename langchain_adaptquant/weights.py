@@ -17,6 +17,7 @@ import torch
 from langchain_adaptquant.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
 
 INDEX_FILE = "model.safetensors.index.json"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def resolve_model_folder(model_id_or_path: str | Path) -> Path:
@@ -118,6 +119,15 @@ class WeightSource:
             return self._open(file).get_tensor(name)
         except (SafetensorError, OSError) as error:
             raise WeightsError(f"cannot read tensor {name!r} from {str(file)!r}: {error}") from None
+
+    def nbytes(self, name: str) -> int:
+        """Size of one stored tensor, from the header (no data is read)."""
+        handle = self._open(self._index[name])
+        meta = handle.get_slice(name)
+        count = 1
+        for dim in meta.get_shape():
+            count *= dim
+        return count * _DTYPE_BYTES.get(meta.get_dtype(), 2)
 
     def verify(self) -> None:
         """Open every file once, so a truncated or deleted file fails before anything is swapped."""
