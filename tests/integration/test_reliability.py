@@ -98,11 +98,13 @@ def test_real_ballast_downgrades_then_freeing_it_upgrades(tiny_chat_dir):
         child.communicate("go\n", timeout=30)
     time.sleep(FAST.upgrade_cooldown_s + 0.2)
     deadline = time.monotonic() + 10
-    level = "int2"
-    while level != "fp16" and time.monotonic() < deadline:
-        level = llm.invoke("hi").response_metadata["quantization_level"]
+    meta = {"quantization_level": "int2"}
+    while meta["quantization_level"] == "int2" and time.monotonic() < deadline:
+        meta = llm.invoke("hi").response_metadata
         time.sleep(0.1)
-    assert level == "fp16"
+    # upgraded after the cooldown; how far depends on what the rest of the machine uses by then
+    assert meta["quantization_level"] in ("fp16", "int8"), meta["decision_reason"]
+    assert "upgrade" in meta["decision_reason"], meta["decision_reason"]
 
 
 class FailingQuanto(QuantoBackend):
