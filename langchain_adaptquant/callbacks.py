@@ -385,7 +385,25 @@ def _model_name(serialized: Optional[dict[str, Any]], kwargs: dict[str, Any]) ->
     return (serialized or {}).get("name") if serialized else None
 
 
-class QuantizationTelemetryHandler(BaseCallbackHandler):
+class _RecorderViews:
+    """The recorder's read side on the handlers themselves, for convenience (sync and async alike)."""
+
+    recorder: "TelemetryRecorder"
+
+    def summary(self) -> dict[str, Any]:
+        return self.recorder.summary()
+
+    def calls(self) -> list[CallRecord]:
+        return self.recorder.calls()
+
+    def switches(self) -> list[dict[str, Any]]:
+        return self.recorder.switches()
+
+    def prometheus_text(self) -> bytes:
+        return self.recorder.prometheus_text()
+
+
+class QuantizationTelemetryHandler(_RecorderViews, BaseCallbackHandler):
     """Records every chat-model call and every precision switch it sees (sync callbacks).
 
     Attach it per call (``config={"callbacks": [handler]}``) or to the model (``callbacks=[...]``).
@@ -420,21 +438,9 @@ class QuantizationTelemetryHandler(BaseCallbackHandler):
         if name == REQUANTIZE_EVENT and isinstance(data, dict):
             self.recorder.switch(data, run_id)
 
-    # the recorder's read side, for convenience
-    def summary(self) -> dict[str, Any]:
-        return self.recorder.summary()
-
-    def calls(self) -> list[CallRecord]:
-        return self.recorder.calls()
-
-    def switches(self) -> list[dict[str, Any]]:
-        return self.recorder.switches()
-
-    def prometheus_text(self) -> bytes:
-        return self.recorder.prometheus_text()
 
 
-class AsyncQuantizationTelemetryHandler(AsyncCallbackHandler):
+class AsyncQuantizationTelemetryHandler(_RecorderViews, AsyncCallbackHandler):
     """The async twin of :class:`QuantizationTelemetryHandler` (same recorder API, awaitable hooks)."""
 
     def __init__(
@@ -463,14 +469,3 @@ class AsyncQuantizationTelemetryHandler(AsyncCallbackHandler):
         if name == REQUANTIZE_EVENT and isinstance(data, dict):
             self.recorder.switch(data, run_id)
 
-    def summary(self) -> dict[str, Any]:
-        return self.recorder.summary()
-
-    def calls(self) -> list[CallRecord]:
-        return self.recorder.calls()
-
-    def switches(self) -> list[dict[str, Any]]:
-        return self.recorder.switches()
-
-    def prometheus_text(self) -> bytes:
-        return self.recorder.prometheus_text()
