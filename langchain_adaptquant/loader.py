@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import hashlib
 import json
@@ -42,22 +43,13 @@ from langchain_adaptquant.errors import (
 )
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.manager import DynamicQuantizationManager
-from langchain_adaptquant.resources import GIB, validate_budget_gb
+from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
 from langchain_adaptquant.sizing import ModelSize, size_from_model, size_of
 from langchain_adaptquant.weights import WeightSource, resolve_model_folder
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("ADAPTQUANT_CACHE_DIR", Path.home() / ".cache" / "langchain_adaptquant"))
-
-
-def process_memory() -> tuple[int, int]:
-    """(RSS, anonymous RSS) of this process in bytes."""
-    from langchain_adaptquant.resources import _process_memory
-
-    import psutil
-
-    return _process_memory(psutil.Process())
 
 
 #: Bytes of source weights requantized between two ``malloc_trim`` calls during a switch. glibc
@@ -67,14 +59,23 @@ def process_memory() -> tuple[int, int]:
 TRIM_EVERY_BYTES = 12 * 2**20
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Optional[ctypes.CDLL]:
+    """The C library when it is glibc (malloc_trim, madvise), looked up once: find_library costs ~2 ms."""
+    name = ctypes.util.find_library("c")
+    if not name or "libc.so" not in name:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
 def trim_heap() -> None:
     """Return free heap pages to the OS now (glibc only; a no-op elsewhere)."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name and "libc.so" in libc_name:
-        try:
-            ctypes.CDLL(libc_name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def release_memory(full: bool = False) -> None:
@@ -105,7 +106,6 @@ def mapped_ranges(folder: Path) -> list[tuple[int, int]]:
 
 
 _MADV_DONTNEED = 4
-_LIBC = None
 
 
 def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
@@ -115,7 +115,6 @@ def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None
     pressure reclaims them. Only whole pages inside the tensor and inside a mapping of the weights
     file are dropped; the mapping is read-only, so a later read simply faults them in again.
     """
-    global _LIBC
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     if not any(low <= start and end <= high for low, high in ranges):
@@ -124,11 +123,9 @@ def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None
     first, last = -(-start // page) * page, end // page * page
     if last <= first:
         return
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        _LIBC = ctypes.CDLL(name, use_errno=True) if name else False
-    if _LIBC:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    libc = _glibc()
+    if libc is not None:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
 def file_backed_bytes(model: nn.Module, folder: Path) -> int:

@@ -173,8 +173,9 @@ def read_cgroup_limit(root: Path | str = "/sys/fs/cgroup") -> Optional[CgroupLim
     return None
 
 
-def _process_memory(process: psutil.Process) -> tuple[int, int]:
+def process_memory(process: Optional[psutil.Process] = None) -> tuple[int, int]:
     """(RSS, anonymous RSS). On Linux, /proc/self/status RssAnon is exact; elsewhere RSS - shared."""
+    process = process or psutil.Process()
     info = process.memory_info()
     rss = info.rss
     if process.pid == os.getpid():
@@ -229,7 +230,7 @@ class SystemMemoryProbe:
         snapshot_total, snapshot_available = apply_budget(total, available, self.memory_budget_gb)
         if snapshot_total < total:
             source = "budget"
-        rss, anon = _process_memory(self._process)
+        rss, anon = process_memory(self._process)
         device_total, device_free = _device_memory(self.device)
         return MemorySnapshot(
             total_bytes=snapshot_total,
