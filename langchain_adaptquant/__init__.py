@@ -1,15 +1,54 @@
-"""langchain-adaptquant: a LangChain chat model that adapts its weight precision to memory and load."""
+"""langchain-adaptquant: a LangChain chat model that adapts its weight precision to memory and load.
 
-from langchain_adaptquant.assets import reference_model_path
-from langchain_adaptquant.chat_model import ChatAdaptQuant
-from langchain_adaptquant.errors import AdaptQuantError, InsufficientMemoryError, InvalidValueError
-from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
-from langchain_adaptquant.load import LoadStats, LoadTracker
-from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
-from langchain_adaptquant.manager import DynamicQuantizationManager, QuantizationConfig, ReoptimizeDecision
-from langchain_adaptquant.policy import Decision, PolicyConfig
-from langchain_adaptquant.resources import CachedProbe, MemorySnapshot, ScriptedProbe, SystemMemoryProbe
-from langchain_adaptquant.sizing import ModelSize, size_from_config, size_from_params
+Public names are imported lazily (PEP 562): ``import langchain_adaptquant`` costs next to nothing,
+and ``import langchain_adaptquant.loader`` does not pull in the chat model and langchain-core.
+Each name is imported from its submodule on first access, then cached in this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run time
+    from langchain_adaptquant.assets import reference_model_path
+    from langchain_adaptquant.chat_model import ChatAdaptQuant
+    from langchain_adaptquant.errors import AdaptQuantError, InsufficientMemoryError, InvalidValueError
+    from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
+    from langchain_adaptquant.load import LoadStats, LoadTracker
+    from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
+    from langchain_adaptquant.manager import DynamicQuantizationManager, QuantizationConfig, ReoptimizeDecision
+    from langchain_adaptquant.policy import Decision, PolicyConfig
+    from langchain_adaptquant.resources import CachedProbe, MemorySnapshot, ScriptedProbe, SystemMemoryProbe
+    from langchain_adaptquant.sizing import ModelSize, size_from_config, size_from_params
+
+#: Public name -> the submodule (relative to this package) that defines it.
+_EXPORTS: dict[str, str] = {
+    "reference_model_path": "assets",
+    "ChatAdaptQuant": "chat_model",
+    "AdaptQuantError": "errors",
+    "InsufficientMemoryError": "errors",
+    "InvalidValueError": "errors",
+    "QuantizationLevel": "levels",
+    "TaskPriority": "levels",
+    "LoadStats": "load",
+    "LoadTracker": "load",
+    "AdaptiveModelLoader": "loader",
+    "LoadedModel": "loader",
+    "SwitchRecord": "loader",
+    "DynamicQuantizationManager": "manager",
+    "QuantizationConfig": "manager",
+    "ReoptimizeDecision": "manager",
+    "Decision": "policy",
+    "PolicyConfig": "policy",
+    "CachedProbe": "resources",
+    "MemorySnapshot": "resources",
+    "ScriptedProbe": "resources",
+    "SystemMemoryProbe": "resources",
+    "ModelSize": "sizing",
+    "size_from_config": "sizing",
+    "size_from_params": "sizing",
+}
 
 __all__ = [
     "AdaptQuantError",
@@ -37,3 +76,19 @@ __all__ = [
     "size_from_config",
     "size_from_params",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its submodule on first use (PEP 562) and cache it here."""
+    submodule = _EXPORTS.get(name)
+    if submodule is None:
+        # AttributeError (not ImportError) lets ``from langchain_adaptquant import model_zoo``
+        # fall back to importing the submodule, as it did before.
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

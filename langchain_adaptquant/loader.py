@@ -25,7 +25,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -41,6 +41,7 @@ from langchain_adaptquant.errors import (
     UnsupportedArchitectureError,
     WeightsError,
 )
+from langchain_adaptquant.layer_cache import LayerCache
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
@@ -54,9 +55,11 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("ADAPTQUANT_CACHE_DIR", Path.home() / ".
 
 #: Bytes of source weights requantized between two ``malloc_trim`` calls during a switch. glibc
 #: keeps freed per-layer temporaries in its heap; on a 150M model a switch without trimming peaked
-#: at 2.1x the anonymous memory it ended with, with a trim every 12 MB at ~1.1x (benchmarks/switch.py).
+#: at 2.1x the anonymous memory it ended with. Every 12 MB kept INT8/INT4 within 1.13x but INT2,
+#: whose quantization makes the most float temporaries, reached 1.16-1.17x peak RSS; every 6 MB
+#: keeps all levels within 1.13x at no time cost we could measure (benchmarks/switch.py).
 #: Trimming after every layer cost 1.5x the switch time for little more.
-TRIM_EVERY_BYTES = 12 * 2**20
+TRIM_EVERY_BYTES = 6 * 2**20
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,6 +173,8 @@ class SwitchRecord:
     stored_bytes_after: int
     at: float = field(default_factory=time.time)
     error: Optional[str] = None
+    #: Layers read back from the layer cache instead of quantized from the source.
+    layers_from_cache: int = 0
 
     @property
     def direction(self) -> str:
@@ -192,6 +197,7 @@ class SwitchRecord:
             "anon_after_mb": round(self.anon_after / 2**20, 1),
             "stored_mb_before": round(self.stored_bytes_before / 2**20, 2),
             "stored_mb_after": round(self.stored_bytes_after / 2**20, 2),
+            "layers_from_cache": self.layers_from_cache,
             "at": self.at,
         }
 
@@ -310,11 +316,17 @@ class AdaptiveModelLoader:
         device: Optional[str] = None,
         cache_dir: Optional[str | Path] = None,
         show_progress: bool = True,
+        layer_cache_gb: Optional[float] = None,
     ) -> None:
+        """``layer_cache_gb`` bounds the disk used to keep quantized layers for switching back to a
+        level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`."""
         self.manager = manager or DynamicQuantizationManager(device=device)
         self.device = device or self.manager.device
         self.cache_budget_gb = validate_budget_gb(cache_budget_gb)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+        self.layer_cache = LayerCache(self.cache_dir / "layers", layer_cache_gb)
+        if not self.layer_cache.enabled:
+            logger.info("layer cache off: %s", self.layer_cache.disabled_reason)
         self.show_progress = show_progress
         self._cache: "OrderedDict[str, LoadedModel]" = OrderedDict()
         self._lock = threading.RLock()
@@ -416,7 +428,8 @@ class AdaptiveModelLoader:
                 return None
             loaded.weights_version += 1  # odd while layers are being swapped
             try:
-                return self._switch(loaded, level, reason)
+                with self.layer_cache.writes_held():  # cache writes wait: they would slow the switch
+                    return self._switch(loaded, level, reason)
             finally:
                 loaded.weights_version += 1
 
@@ -432,8 +445,47 @@ class AdaptiveModelLoader:
             return list(self._cache.values())
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per cached model: name, level, size MB, access count, last access, backends, errors."""
-        return [loaded.to_dict() for loaded in self.models()]
+        """Per cached model: name, level, size MB, access count, last access, backends, errors, and
+        how many layers the layer cache holds per level (a switch there reads instead of quantizing)."""
+        return [{**loaded.to_dict(), "layer_cache": self.layer_cache.levels(loaded.key)} for loaded in self.models()]
+
+    def prepare_levels(
+        self, loaded: LoadedModel, levels: Iterable[QuantizationLevel | str]
+    ) -> dict[str, dict[str, Any]]:
+        """Quantize ``loaded``'s layers at ``levels`` into the layer cache without switching.
+
+        A later switch to a prepared level only reads its layers back, so a memory-forced downgrade
+        is quick when it matters. This spends the quantization work now (call it from a thread while
+        the machine is idle); it holds one extra layer in memory at a time and never touches the
+        serving model. Returns, per level, the layers written, already there, and seconds taken.
+        """
+        wanted = [QuantizationLevel.parse(level) for level in levels]
+        for level in wanted:
+            self.check_level_available(level)
+        if not self.layer_cache.enabled:
+            raise AdaptQuantError(f"cannot prepare levels: the layer cache is off ({self.layer_cache.disabled_reason})")
+        summary: dict[str, dict[str, Any]] = {}
+        for level in wanted:
+            started, written, present = time.perf_counter(), 0, 0
+            if level is not QuantizationLevel.FP16:  # 16-bit is the source itself: nothing to prepare
+                layers = list(loaded.layer_backends)
+                for layer in tqdm(layers, desc=f"prepare {loaded.name} at {level.value}", unit="layer",
+                                  disable=not self.show_progress):
+                    if self.get(loaded.key) is not loaded:
+                        break  # evicted meanwhile: its cached layers were just forgotten
+                    if self.layer_cache.has(loaded.key, level, layer):
+                        present += 1
+                        continue
+                    module, backend, _ = self._quantize_layer(loaded.source, layer, level)
+                    written += self.layer_cache.store(loaded.key, level, layer, backend, module)
+                    del module
+                trim_heap()
+            summary[level.value] = {
+                "layers_written": written,
+                "layers_already_cached": present,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        return summary
 
     def cached_bytes(self) -> int:
         return sum(loaded.stored_bytes for loaded in self.models())
@@ -450,6 +502,7 @@ class AdaptiveModelLoader:
                 )
             del self._cache[loaded.key]
         self.manager.forget(loaded.key)
+        self.layer_cache.forget(loaded.key)
         del loaded
         release_memory(full=True)
         return True
@@ -465,6 +518,7 @@ class AdaptiveModelLoader:
             with self._lock:
                 self._cache.pop(loaded.key, None)
             self.manager.forget(loaded.key)
+            self.layer_cache.forget(loaded.key)
             evicted.append(loaded.name)
         loaded = None  # noqa: F841 - drop the loop's last reference before collecting
         release_memory(full=True)
@@ -530,7 +584,8 @@ class AdaptiveModelLoader:
             level, reason = decision.level, decision.reason
         self._make_room(size.estimated_bytes(level), name)
         source.verify()  # opens (maps) every file once; the model keeps this mapping for its lifetime
-        model, backends = self._materialize(skeleton, source, level, name)
+        with self.layer_cache.writes_held():
+            model, backends = self._materialize(skeleton, source, level, name, key)
         tokenizer = self._tokenizer(folder)
         loaded = LoadedModel(
             key=key,
@@ -570,7 +625,7 @@ class AdaptiveModelLoader:
         return model.eval()
 
     def _materialize(
-        self, model: nn.Module, source: WeightSource, level: QuantizationLevel, name: str
+        self, model: nn.Module, source: WeightSource, level: QuantizationLevel, name: str, key: str
     ) -> tuple[nn.Module, dict[str, str]]:
         dtype = compute_dtype(self.device)
         targets = quantizable_linears(model)
@@ -586,10 +641,14 @@ class AdaptiveModelLoader:
                 module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
+        for module in model.modules():  # buffers built at init (rotary inv_freq) are on the CPU: move them
+            for buffer_name, buffer in list(module._buffers.items()):
+                if buffer is not None and buffer.device != torch.device(self.device) and not buffer.is_meta:
+                    module._buffers[buffer_name] = buffer.to(self.device)
         backends: dict[str, str] = {}
         ranges = mapped_ranges(source.folder)
         for layer, _ in tqdm(targets, desc=f"load {name} at {level.value}", unit="layer", disable=not self.show_progress):
-            module, backend = self._quantize_layer(source, layer, level, ranges=ranges)
+            module, backend, _ = self._quantize_layer(source, layer, level, ranges=ranges, model_key=key)
             _swap(model, layer, module)
             backends[layer] = backend
         missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -599,8 +658,16 @@ class AdaptiveModelLoader:
 
     def _quantize_layer(
         self, source: WeightSource, layer: str, level: QuantizationLevel, backend_name: Optional[str] = None,
-        ranges: Optional[list[tuple[int, int]]] = None,
-    ) -> tuple[nn.Module, str]:
+        ranges: Optional[list[tuple[int, int]]] = None, model_key: Optional[str] = None,
+    ) -> tuple[nn.Module, str, bool]:
+        """One layer at ``level``: from the layer cache when it holds it, else quantized from the
+        source (and queued for the cache). The bool says whether it came from the cache."""
+        if model_key is not None and level is not QuantizationLevel.FP16:
+            hit = self.layer_cache.load(model_key, level, layer, self.device)
+            if hit is not None and (backend_name is None or hit[1] == backend_name):
+                if ranges:  # a 16-bit layer it replaces may have left its source pages resident
+                    drop_file_pages(source.tensor(f"{layer}.weight"), ranges)
+                return hit[0], hit[1], True
         weight = source.tensor(f"{layer}.weight")
         bias_name = f"{layer}.bias"
         bias = source.tensor(bias_name) if bias_name in source else None
@@ -610,12 +677,14 @@ class AdaptiveModelLoader:
         if bias is not None:
             linear.bias = nn.Parameter(bias.to(device=self.device, dtype=dtype), requires_grad=False)
         if backend_name is not None:
-            result = get_backend(backend_name).quantize_linear(linear, level, self.device), backend_name
+            module, backend = get_backend(backend_name).quantize_linear(linear, level, self.device), backend_name
         else:
-            result = quantize_linear_with_fallback(linear, level, self.device)
+            module, backend = quantize_linear_with_fallback(linear, level, self.device)
         if ranges and level is not QuantizationLevel.FP16:
             drop_file_pages(weight, ranges)  # the quantized copy is all this layer keeps
-        return result
+        if model_key is not None:
+            self.layer_cache.store_later(model_key, level, layer, backend, module)
+        return module, backend, False
 
     def _switch(self, loaded: LoadedModel, level: QuantizationLevel, reason: str) -> SwitchRecord:
         started = time.perf_counter()
@@ -626,6 +695,7 @@ class AdaptiveModelLoader:
         swapped: list[str] = []
         new_backends = dict(loaded.layer_backends)
         source = loaded.source
+        from_cache = 0
         try:
             source.verify()
             ranges = mapped_ranges(loaded.folder)
@@ -633,10 +703,11 @@ class AdaptiveModelLoader:
             since_trim = 0
             try:
                 for layer in progress:
-                    module, backend = self._quantize_layer(source, layer, level, ranges=ranges)
+                    module, backend, cached = self._quantize_layer(source, layer, level, ranges=ranges, model_key=loaded.key)
                     _swap(loaded.model, layer, module)
                     swapped.append(layer)
                     new_backends[layer] = backend
+                    from_cache += cached
                     del module
                     since_trim += source.nbytes(f"{layer}.weight")
                     if since_trim >= TRIM_EVERY_BYTES:
@@ -652,7 +723,8 @@ class AdaptiveModelLoader:
             loaded.last_error = message
             loaded.switches.append(
                 SwitchRecord(loaded.name, previous.value, level.value, reason, time.perf_counter() - started, False,
-                             rss_before, rss_after, anon_before, anon_after, bytes_before, loaded.stored_bytes, error=str(error))
+                             rss_before, rss_after, anon_before, anon_after, bytes_before, loaded.stored_bytes,
+                             error=str(error), layers_from_cache=from_cache)
             )
             raise SwitchError(message, previous.value) from error
         loaded.level = level
@@ -663,6 +735,7 @@ class AdaptiveModelLoader:
         record = SwitchRecord(
             loaded.name, previous.value, level.value, reason, time.perf_counter() - started, True,
             rss_before, rss_after, anon_before, anon_after, bytes_before, loaded.stored_bytes,
+            layers_from_cache=from_cache,
         )
         loaded.switches.append(record)
         self.manager.record_switch(loaded.key, level)
@@ -671,7 +744,9 @@ class AdaptiveModelLoader:
 
     def _roll_back(self, loaded: LoadedModel, source: WeightSource, swapped: list[str]) -> None:
         for layer in swapped:
-            module, _ = self._quantize_layer(source, layer, loaded.level, loaded.layer_backends[layer])
+            module, _, _ = self._quantize_layer(
+                source, layer, loaded.level, loaded.layer_backends[layer], model_key=loaded.key
+            )
             _swap(loaded.model, layer, module)
 
     def _tokenizer(self, folder: Path) -> Any:

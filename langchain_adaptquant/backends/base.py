@@ -113,6 +113,11 @@ class QuantizationBackend(ABC):
         """Why this layer's shape cannot be taken at ``level`` (None: it can). Kernels have limits."""
         return None
 
+    def warms_up(self, level: QuantizationLevel, device_kind: str) -> bool:
+        """Whether each new module does one-off work on its first forward (bitsandbytes repacks NF4
+        on AVX512-BF16 CPUs): then every module is smoke-tested, so that happens here, not mid-request."""
+        return False
+
     def accepts(self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu") -> bool:
         """Whether this particular layer can be quantized here (shape limits of the kernels)."""
         return self.shape_problem(linear, level, device) is None
@@ -135,13 +140,15 @@ class QuantizationBackend(ABC):
         problem = self.shape_problem(linear, level, kind)
         if problem is not None:
             raise BackendError(f"{self.name} cannot take {describe_linear(linear)} at {level.value}: {problem}")
+        proof = (level, kind, str(device), linear.in_features, linear.out_features, linear.bias is not None)
         try:
             self._import()
             with torch.no_grad():
                 module = self._quantize(linear, level, device)
                 module.eval()
                 module.requires_grad_(False)
-                self._smoke_test(module, linear.in_features, compute_dtype(device), device)
+                if self.warms_up(level, kind) or proof not in self._proven:
+                    self._smoke_test(module, linear.in_features, compute_dtype(device), device)
         except BackendError:
             raise
         except Exception as exc:  # the libraries raise RuntimeError, AssertionError, ValueError...
@@ -149,7 +156,14 @@ class QuantizationBackend(ABC):
                 f"{self.name} failed on {describe_linear(linear)} at {level.value} on {kind}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        self._proven.add(proof)  # set.add is atomic under the GIL
         return module
+
+    @property
+    def _proven(self) -> set[tuple]:
+        """(level, device, in, out, bias) whose forward already ran once: the same kernel path again
+        needs no new smoke test. A quanto INT2 forward costs ~4 ms per layer, a third of its switch."""
+        return self.__dict__.setdefault("_proven_shapes", set())
 
     @abstractmethod
     def _quantize(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> nn.Module:

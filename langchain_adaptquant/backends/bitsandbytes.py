@@ -70,6 +70,9 @@ class BitsAndBytesBackend(QuantizationBackend):
     def supports(self, level: LevelLike, device: DeviceLike = "cpu") -> bool:
         return device_type(device) in _DEVICES and QuantizationLevel.parse(level) in _LEVELS
 
+    def warms_up(self, level: QuantizationLevel, device_kind: str) -> bool:
+        return level is QuantizationLevel.INT4 and device_kind == "cpu" and _cpu_repacks_nf4()
+
     def shape_problem(self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu") -> Optional[str]:
         level = QuantizationLevel.parse(level)
         if level is QuantizationLevel.INT4 and device_type(device) == "cpu" and _cpu_repacks_nf4():

@@ -10,10 +10,17 @@ CPU (torch 2.13, AVX2) shape what we accept:
   widths we use group size 64 (quanto's generic path) instead of failing.
 
 Both tinygemm and int8pack kernels also require contiguous input, so a pre-hook makes it so.
+
+On CUDA only INT8 is claimed by default. quanto's INT4/INT2 CUDA kernels are JIT-compiled on first
+use (~100 s on 16 cores with nvcc and ninja), and on an H200 (torch 2.11 cu130, quanto 0.2.7) its
+INT4 kernel then failed with "an illegal memory access", which poisons the CUDA context for the
+whole process, so no per-layer fallback can recover (benchmarks/results/cuda_check_h200_quanto_jit.log).
+Set ``ADAPTQUANT_QUANTO_CUDA_KERNELS=1`` to use them where you have verified they work.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from torch import nn
@@ -32,6 +39,8 @@ _QTYPE_NAMES = {
     QuantizationLevel.INT4: "qint4",
     QuantizationLevel.INT2: "qint2",
 }
+#: Opt-in for quanto's JIT-compiled INT4/INT2 CUDA kernels (see the module docstring).
+CUDA_KERNELS_ENV = "ADAPTQUANT_QUANTO_CUDA_KERNELS"
 _TINYGEMM_GROUP = 128
 _TINYGEMM_OUT_MULTIPLE = 16
 
@@ -52,8 +61,10 @@ class QuantoBackend(QuantizationBackend):
         import optimum.quanto  # noqa: F401
 
     def supports(self, level: LevelLike, device: DeviceLike = "cpu") -> bool:
-        device_type(device)
-        return QuantizationLevel.parse(level) in _QTYPE_NAMES
+        level, kind = QuantizationLevel.parse(level), device_type(device)
+        if kind == "cuda" and level in (QuantizationLevel.INT4, QuantizationLevel.INT2):
+            return os.environ.get(CUDA_KERNELS_ENV) == "1"  # see the module docstring
+        return level in _QTYPE_NAMES
 
     def shape_problem(self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu") -> Optional[str]:
         level = QuantizationLevel.parse(level)

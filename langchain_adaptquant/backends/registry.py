@@ -3,8 +3,8 @@
 The CPU order below was chosen from ``benchmarks/backends_probe.py`` on the development machine
 (2-core x86-64, AVX2 without AVX512-BF16, torch 2.13 CPU); numbers in ``PREFERENCE`` comments
 are from ``benchmarks/results/backends_probe.json``. Re-run the probe on a new machine type
-before trusting the order there. CUDA and MPS orders follow the libraries' documented kernels
-(no GPU was available to measure).
+before trusting the order there. The CUDA order was measured on an H100 with
+``benchmarks/cuda_check.py``; the MPS order follows the libraries' documentation (not measured).
 """
 
 from __future__ import annotations
@@ -56,12 +56,15 @@ PREFERENCE: dict[str, dict[QuantizationLevel, list[str]]] = {
         _INT4: ["torchao", "quanto", "bitsandbytes"],
         _INT2: ["quanto"],
     },
-    # CUDA (not measured here): bitsandbytes has fused CUDA kernels for LLM.int8() and NF4 and is
-    # the most used path with transformers; torchao's int8/int4 (tinygemm) kernels next; quanto last.
+    # CUDA, measured with benchmarks/cuda_check.py on an H100 (torch 2.11 cu130, fp16 activations;
+    # decode-size forward in ms over 1024x1024 / 1024x2816 / 2816x1024 / 1024x1000, max rel. error):
+    # INT8 torchao 0.07-0.10 / 0.004, quanto 0.08-0.13 / 0.004, bitsandbytes LLM.int8() 0.17-0.39 /
+    # 0.009 (it also quantizes activations). INT4: bitsandbytes NF4 0.05 / 0.09; torchao's int4
+    # layout takes bf16 only, and quanto int4/int2 need their JIT-compiled CUDA kernels.
     "cuda": {
         _FP16: ["cast"],
-        _INT8: ["bitsandbytes", "torchao", "quanto"],
-        _INT4: ["bitsandbytes", "torchao", "quanto"],
+        _INT8: ["torchao", "quanto", "bitsandbytes"],
+        _INT4: ["bitsandbytes", "quanto", "torchao"],
         _INT2: ["quanto"],
     },
     # MPS: quanto is the library that targets it; 16-bit is a cast.

@@ -58,7 +58,10 @@ class TorchAOBackend(QuantizationBackend):
                 return _cpu_int4_config() is not None
             return level is QuantizationLevel.INT8
         if kind == "cuda":
-            return level in (QuantizationLevel.INT8, QuantizationLevel.INT4)
+            # INT4 on CUDA: torchao 0.18's tile-packed tensor asserts "Only bfloat16 is supported for
+            # Int4TilePackedTo4dTensor" (measured on an H100) and CUDA computes in float16 here, so
+            # INT4 there goes to bitsandbytes NF4 (or quanto).
+            return level is QuantizationLevel.INT8
         return False
 
     def shape_problem(self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu") -> Optional[str]:
@@ -99,4 +102,7 @@ class TorchAOBackend(QuantizationBackend):
         quantize_(work, self._config(linear, level, device))
         if not hasattr(work.weight, "__tensor_flatten__"):  # still a plain tensor
             raise BackendError(f"torchao left the weight of {tuple(linear.weight.shape)} unquantized")
+        # quantize_ binds a per-instance extra_repr (cosmetic) that cannot be unpickled; without it the
+        # module round-trips through torch.save/torch.load, which the layer cache relies on.
+        work.__dict__.pop("extra_repr", None)
         return work

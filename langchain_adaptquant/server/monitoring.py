@@ -104,6 +104,7 @@ def cache(ctx: Ctx) -> dict[str, Any]:
         "count": len(models),
         "total_size_mb": round(sum(m["size_mb"] for m in models), 2),
         "cache_budget_gb": ctx.loader.cache_budget_gb,
+        "layer_cache": ctx.loader.layer_cache.stats(),
     }
 
 

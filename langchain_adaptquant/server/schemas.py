@@ -116,6 +116,7 @@ class CacheResponse(BaseModel):
     count: int
     total_size_mb: float
     cache_budget_gb: Optional[float]
+    layer_cache: dict[str, Any] = {}
 
 
 class ClearResponse(BaseModel):

@@ -87,3 +87,41 @@ def test_adaptation_quick_replays_both_traces(tiny_with_heldout, tmp_path):
         assert {"adaptive", "static_fp16", "static_int4"} <= set(comparison)
         assert comparison["static_int4"]["perplexity_int4"] > 1
     assert (tmp_path / "adaptation.png").stat().st_size > 0
+
+
+def test_switch_benchmark_revisits_levels_from_the_layer_cache(tiny_chat_dir, tmp_path, capsys):
+    out = tmp_path / "switch.json"
+    _benchmark("switch").main(["--models", str(tiny_chat_dir), "--passes", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["switch"] for row in rows[:5]] == ["fp16 -> int8", "int8 -> int4", "int4 -> int2", "int2 -> int4",
+                                                  "int4 -> fp16"]
+    assert [row["pass"] for row in rows] == [1] * 5 + [2] * 5
+    for row in rows:
+        target = row["switch"].split(" -> ")[1]
+        revisit = row["pass"] == 2 or row["switch"] == "int2 -> int4"
+        expected = row["layers"] if revisit and target != "fp16" else 0
+        assert row["layers_from_cache"] == expected, row
+        for key in ("switch_s", "requantize_s", "cold_reload_s", "peak_rss_ratio", "reload_peak_rss_ratio"):
+            assert row[key] > 0 and math.isfinite(row[key]), (key, row)
+    assert rows[-1]["layer_cache"]["hits"] == rows[0]["layers"] * 5  # int2 -> int4, then four in pass 2
+    assert "layers_from_cache" in capsys.readouterr().out
+
+
+def test_cuda_check_dry_run_on_cpu_exercises_loader_and_requests_in_flight(tmp_path):
+    """The device check's CPU dry run, so the script a GPU session runs has not rotted meanwhile."""
+    from optimum.quanto.library.extensions import extension
+
+    quanto_loader = extension.load
+    out = tmp_path / "cuda_check.json"
+    # --quanto-jit: a fresh machine may have to build quanto's CPU kernels for INT2, as serving would
+    args = ["--device", "cpu", "--quick", "--parts", "b,d", "--quanto-jit", "--out", str(out)]
+    assert _benchmark("cuda_check").main(args) == 0
+    assert extension.load is quanto_loader  # the script's build guard is undone for the rest of the process
+    checks = json.loads(out.read_text())["checks"]
+    loader_rows = checks["b_loader"]["result"]["rows"]
+    assert checks["b_loader"]["status"] == "ok" and all(row["ok"] and row["all_on_device"] for row in loader_rows)
+    assert [row["step"] for row in loader_rows][1:] == ["fp16 -> int8", "int8 -> int4", "int4 -> int2", "int2 -> int4",
+                                                       "int4 -> fp16"]
+    assert all(abs(row["stored_vs_estimate_pct"]) <= 10 for row in loader_rows)
+    inflight = checks["d_inflight"]["result"]
+    assert inflight["exceptions"] == 0 and inflight["all_non_empty"] and all(s["ok"] for s in inflight["switches"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from langchain_adaptquant import DynamicQuantizationManager, QuantizationLevel, ScriptedProbe
 from langchain_adaptquant.backends.base import UnsupportedLevelError
 from langchain_adaptquant.errors import (
+    AdaptQuantError,
     InsufficientMemoryError,
     ModelNotFoundError,
     SwitchError,
@@ -264,3 +266,56 @@ def test_bad_level_and_priority(tiny_llama_dir):
     with pytest.raises(InvalidValueError, match="'fastest'"):
         loader.load_model(tiny_llama_dir, task_priority="fastest")
     assert loader.stats() == []
+
+
+def test_switching_back_to_a_level_reads_the_layer_cache_bit_exactly(tiny_llama_dir, tmp_path, monkeypatch):
+    loader = make_loader(cache_dir=tmp_path)
+    loaded = loader.load_model(tiny_llama_dir, force_quantization="fp16")
+    layers = len(loaded.layer_backends)
+    first = {}
+    for level in (INT8, INT4, INT2):
+        record = loader.requantize(loaded, level)
+        assert record.layers_from_cache == 0  # a first visit quantizes from the weights
+        first[level] = (logits(loaded), loaded.stored_bytes, loaded.backend_summary())
+        assert loader.layer_cache.flush(timeout=60)
+    assert loader.stats()[0]["layer_cache"] == {"int8": layers, "int4": layers, "int2": layers}
+    import langchain_adaptquant.loader as loader_module
+
+    dropped = []
+    real_drop = loader_module.drop_file_pages
+    monkeypatch.setattr(loader_module, "drop_file_pages", lambda t, r: (dropped.append(t.data_ptr()), real_drop(t, r)))
+    for level in (INT4, INT8, FP16, INT2):
+        dropped.clear()
+        record = loader.requantize(loaded, level)
+        # a layer read from the cache still lets go of its 16-bit source pages, as a quantized one does
+        assert len(dropped) == (0 if level is FP16 else layers), level
+        if level is FP16:
+            assert record.layers_from_cache == 0  # 16-bit is read from the weights themselves
+            continue
+        assert record.layers_from_cache == layers and record.to_dict()["layers_from_cache"] == layers
+        expected_logits, expected_bytes, expected_backends = first[level]
+        assert torch.equal(logits(loaded), expected_logits)
+        assert loaded.stored_bytes == expected_bytes and loaded.backend_summary() == expected_backends
+    folder = loader.layer_cache.stats()["folder"]
+    assert any(Path(folder).rglob("*.pt"))
+    loader.evict(loaded.key)  # leaving the cache deletes its layers too
+    assert loader.layer_cache.levels(loaded.key) == {} and not any(Path(folder).rglob("*.pt"))
+
+
+def test_prepare_levels_makes_the_first_switch_a_read(tiny_llama_dir, tmp_path):
+    loader = make_loader(cache_dir=tmp_path)
+    loaded = loader.load_model(tiny_llama_dir, force_quantization="fp16")
+    layers = len(loaded.layer_backends)
+    before = logits(loaded)
+    summary = loader.prepare_levels(loaded, ["int4", "fp16"])
+    assert summary["int4"]["layers_written"] == layers and summary["fp16"]["layers_written"] == 0
+    assert loaded.level is FP16 and torch.equal(logits(loaded), before)  # the serving model is untouched
+    assert loader.prepare_levels(loaded, ["int4"])["int4"]["layers_already_cached"] == layers
+    record = loader.requantize(loaded, INT4)
+    assert record.layers_from_cache == layers
+    reference = make_loader(layer_cache_gb=0).load_model(tiny_llama_dir, force_quantization="int4")
+    assert torch.equal(logits(loaded), logits(reference))  # same layers as quantizing directly
+    with pytest.raises(ValueError, match="int3"):
+        loader.prepare_levels(loaded, ["int3"])
+    with pytest.raises(AdaptQuantError, match="layer cache is off"):
+        make_loader(layer_cache_gb=0).prepare_levels(reference, ["int8"])

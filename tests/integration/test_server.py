@@ -97,6 +97,8 @@ def test_calculate_memory_and_cache(env):
     assert entry["level"] == "fp16" and entry["stored_mb"] > 0 and "file_backed_mb" in entry
     cache = env.http.get("/api/v1/quantization/cache").json()
     assert cache["count"] == 1 and cache["models"][0]["level"] == "fp16" and cache["total_size_mb"] > 0
+    assert cache["models"][0]["layer_cache"] == {}  # nothing quantized yet: nothing kept on disk
+    assert set(cache["layer_cache"]) >= {"enabled", "layers", "mb", "budget_mb", "hits", "misses"}
 
 
 @pytest.mark.parametrize(

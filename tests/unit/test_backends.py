@@ -259,9 +259,17 @@ def test_unsupported_level_error_message_forms():
     assert str(UnsupportedLevelError("ready-made message")) == "ready-made message"
 
 
-def test_gpu_orders_follow_known_kernels():
-    assert [b.name for b in backend_preference(INT4, "cuda")] == ["bitsandbytes", "torchao", "quanto"]
-    assert [b.name for b in backend_preference(INT8, "cuda:1")] == ["bitsandbytes", "torchao", "quanto"]
+def test_gpu_orders_follow_measured_kernels(monkeypatch):
+    from langchain_adaptquant.backends.quanto import CUDA_KERNELS_ENV
+
+    monkeypatch.delenv(CUDA_KERNELS_ENV, raising=False)
+    # torchao int4 takes bf16 only; quanto's int4/int2 CUDA kernels are opt-in (they crashed an H200)
+    assert [b.name for b in backend_preference(INT4, "cuda")] == ["bitsandbytes"]
+    assert [b.name for b in backend_preference(INT8, "cuda:1")] == ["torchao", "quanto", "bitsandbytes"]
+    assert available_levels("cuda") == [FP16, INT8, INT4]
+    monkeypatch.setenv(CUDA_KERNELS_ENV, "1")
+    assert [b.name for b in backend_preference(INT4, "cuda")] == ["bitsandbytes", "quanto"]
+    assert available_levels("cuda") == [FP16, INT8, INT4, INT2]
     assert [b.name for b in backend_preference(INT4, "mps")] == ["quanto"]
     assert [b.name for b in backend_preference(FP16, "mps")] == ["cast"]
     assert available_levels("mps") == [FP16, INT8, INT4, INT2]

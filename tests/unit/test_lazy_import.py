@@ -1,0 +1,36 @@
+"""The package's public names resolve lazily (PEP 562), and the loader does not drag in the chat model."""
+
+import subprocess
+import sys
+
+import langchain_adaptquant
+
+
+def test_every_public_name_has_a_submodule_and_resolves():
+    assert sorted(langchain_adaptquant._EXPORTS) == sorted(langchain_adaptquant.__all__)
+    for name in langchain_adaptquant.__all__:
+        assert getattr(langchain_adaptquant, name) is not None
+    assert set(langchain_adaptquant.__all__) <= set(dir(langchain_adaptquant))
+
+
+def test_unknown_names_raise_attribute_error_and_submodules_still_import():
+    try:
+        langchain_adaptquant.no_such_name  # noqa: B018
+    except AttributeError as error:
+        assert "no_such_name" in str(error)
+    else:  # pragma: no cover
+        raise AssertionError("expected AttributeError")
+    from langchain_adaptquant import model_zoo
+
+    assert model_zoo.__name__ == "langchain_adaptquant.model_zoo"
+
+
+def test_importing_the_loader_leaves_chat_model_and_langchain_out():
+    code = (
+        "import sys, langchain_adaptquant\n"
+        "assert 'torch' not in sys.modules, 'package import pulled in torch'\n"
+        "import langchain_adaptquant.loader\n"
+        "bad = [m for m in ('langchain_core', 'langchain_adaptquant.chat_model') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
