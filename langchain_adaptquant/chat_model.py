@@ -92,6 +92,10 @@ class ChatAdaptQuant(BaseChatModel):
     """Extra keyword arguments for ``model.generate`` (e.g. repetition_penalty)."""
     memory_budget_gb: Optional[float] = Field(default=None, gt=0)
     """Cap on memory the policy may count on, in GiB (acts like a container limit)."""
+    prepare_levels: Optional[list[QuantizationLevel]] = None
+    """Levels to quantize into the loader's layer cache in a background thread after the model first
+    loads (e.g. ``["int4", "int2"]``), so the first memory-forced switch there only reads them.
+    Costs that quantization work once, in the background; levels this device lacks are skipped."""
     manager: Optional[DynamicQuantizationManager] = Field(default=None, exclude=True)
     loader: Optional[AdaptiveModelLoader] = Field(default=None, exclude=True)
 
@@ -101,6 +105,15 @@ class ChatAdaptQuant(BaseChatModel):
     @classmethod
     def _parse_priority(cls, value: Any) -> TaskPriority:
         return TaskPriority.parse(value)
+
+    @field_validator("prepare_levels", mode="before")
+    @classmethod
+    def _parse_prepare_levels(cls, value: Any) -> Optional[list[QuantizationLevel]]:
+        if value is None:
+            return None
+        if isinstance(value, (str, QuantizationLevel)) or not isinstance(value, (list, tuple)):
+            raise InvalidValueError("prepare_levels", value, "None or a list of levels, e.g. ['int4', 'int2']")
+        return [QuantizationLevel.parse(level) for level in value]
 
     @field_validator("force_quantization", mode="before")
     @classmethod
@@ -153,6 +166,8 @@ class ChatAdaptQuant(BaseChatModel):
             options["model"], task_priority=options["priority"], force_quantization=options["force"],
             on_switch=call.switches.append, on_decision=call.set_reason,
         )
+        if self.prepare_levels:
+            self._loader().prepare_levels_in_background(loaded, self.prepare_levels)
         return loaded, call
 
     def _call_options(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> dict[str, Any]:

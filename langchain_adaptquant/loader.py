@@ -329,6 +329,7 @@ class AdaptiveModelLoader:
             logger.info("layer cache off: %s", self.layer_cache.disabled_reason)
         self.show_progress = show_progress
         self._cache: "OrderedDict[str, LoadedModel]" = OrderedDict()
+        self._preparing: dict[str, threading.Thread] = {}  # background prepare_levels, one per model
         self._lock = threading.RLock()
         self._load_lock = threading.Lock()
 
@@ -449,8 +450,43 @@ class AdaptiveModelLoader:
         how many layers the layer cache holds per level (a switch there reads instead of quantizing)."""
         return [{**loaded.to_dict(), "layer_cache": self.layer_cache.levels(loaded.key)} for loaded in self.models()]
 
-    def prepare_levels(
+    def prepare_levels_in_background(
         self, loaded: LoadedModel, levels: Iterable[QuantizationLevel | str]
+    ) -> Optional[threading.Thread]:
+        """Run :meth:`prepare_levels` once per model in a daemon thread (no progress bars).
+
+        Later calls for the same model return the thread already started; levels with no backend on
+        this device are skipped with a warning; None when nothing is left to prepare or the layer
+        cache is off. What ``ChatAdaptQuant(prepare_levels=...)`` uses after the first load.
+        """
+        wanted = [QuantizationLevel.parse(level) for level in levels]
+        available = available_levels(self.device)
+        for level in wanted:
+            if level not in available:
+                logger.warning("not preparing %s: no backend stores it on %s", level.value, self.device)
+        wanted = [level for level in wanted if level in available and level is not QuantizationLevel.FP16]
+        if not wanted or not self.layer_cache.enabled:
+            return None
+        with self._lock:
+            thread = self._preparing.get(loaded.key)
+            if thread is not None:
+                return thread
+            thread = threading.Thread(
+                target=self._prepare_quietly, args=(loaded, wanted), name=f"adaptquant-prepare-{loaded.name}", daemon=True
+            )
+            self._preparing[loaded.key] = thread
+        thread.start()
+        return thread
+
+    def _prepare_quietly(self, loaded: LoadedModel, levels: list[QuantizationLevel]) -> None:
+        try:
+            summary = self.prepare_levels(loaded, levels, progress=False)
+            logger.info("prepared %s: %s", loaded.name, summary)
+        except Exception as error:  # noqa: BLE001 - a background helper: log, never raise into a thread
+            logger.warning("preparing levels of %s failed: %s", loaded.name, error)
+
+    def prepare_levels(
+        self, loaded: LoadedModel, levels: Iterable[QuantizationLevel | str], progress: Optional[bool] = None
     ) -> dict[str, dict[str, Any]]:
         """Quantize ``loaded``'s layers at ``levels`` into the layer cache without switching.
 
@@ -469,8 +505,8 @@ class AdaptiveModelLoader:
             started, written, present = time.perf_counter(), 0, 0
             if level is not QuantizationLevel.FP16:  # 16-bit is the source itself: nothing to prepare
                 layers = list(loaded.layer_backends)
-                for layer in tqdm(layers, desc=f"prepare {loaded.name} at {level.value}", unit="layer",
-                                  disable=not self.show_progress):
+                show = self.show_progress if progress is None else progress
+                for layer in tqdm(layers, desc=f"prepare {loaded.name} at {level.value}", unit="layer", disable=not show):
                     if self.get(loaded.key) is not loaded:
                         break  # evicted meanwhile: its cached layers were just forgotten
                     if self.layer_cache.has(loaded.key, level, layer):
@@ -501,6 +537,7 @@ class AdaptiveModelLoader:
                     f"model {loaded.name!r} has {loaded.active_requests} request(s) in flight; not evicted"
                 )
             del self._cache[loaded.key]
+            self._preparing.pop(loaded.key, None)
         self.manager.forget(loaded.key)
         self.layer_cache.forget(loaded.key)
         del loaded
@@ -517,6 +554,7 @@ class AdaptiveModelLoader:
                 continue
             with self._lock:
                 self._cache.pop(loaded.key, None)
+                self._preparing.pop(loaded.key, None)
             self.manager.forget(loaded.key)
             self.layer_cache.forget(loaded.key)
             evicted.append(loaded.name)

@@ -194,3 +194,27 @@ def test_prompt_beyond_the_context_window_is_a_clear_error(setup):
     # a long answer is capped to fit the window instead of failing
     near = llm.model_copy(update={"max_tokens": 5000})
     assert near.invoke("short").usage_metadata["total_tokens"] <= 2048
+
+
+def test_prepare_levels_quantizes_in_the_background_so_the_first_downgrade_is_a_read(tiny_chat_dir, tmp_path):
+    probe = ScriptedProbe(total_gb=64, used_percent=10)
+    loader = AdaptiveModelLoader(manager=DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0),
+                                 show_progress=False, cache_dir=tmp_path)
+    llm = ChatAdaptQuant(model=str(tiny_chat_dir), loader=loader, max_tokens=4, prepare_levels=["int4", "int2"])
+    assert llm.invoke("hi").response_metadata["quantization_level"] == "fp16"
+    (loaded,) = loader.models()
+    thread = loader.prepare_levels_in_background(loaded, ["int4"])  # the one the first call started
+    assert thread is not None and thread.name.startswith("adaptquant-prepare")
+    thread.join(120)
+    layers = len(loaded.layer_backends)
+    assert loader.layer_cache.levels(loaded.key) == {"int4": layers, "int2": layers}
+    assert loaded.level.value == "fp16"  # preparing never switches the serving model
+    record = loader.requantize(loaded, "int4")
+    assert record.layers_from_cache == layers
+    assert llm.invoke("hi").response_metadata["quantization_level"] in ("int4", "fp16")  # it still serves
+
+
+@pytest.mark.parametrize("bad", ["int4", ["int3"], 4])
+def test_prepare_levels_rejects_bad_values_by_name(bad, tiny_chat_dir):
+    with pytest.raises(ValueError, match="int3|prepare_levels"):
+        ChatAdaptQuant(model=str(tiny_chat_dir), prepare_levels=bad)
