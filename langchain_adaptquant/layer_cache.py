@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import queue
 import shutil
@@ -39,8 +38,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.resources import validate_budget_gb
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +52,8 @@ MIN_FREE_DISK_BYTES = 1 << 30
 
 
 def validate_layer_cache_gb(value: Optional[float]) -> Optional[float]:
-    """None (automatic budget), 0 (off) or a finite positive number of GiB."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InvalidValueError(
-            "layer_cache_gb", value, "None (automatic: half the free disk), 0 (off) or a finite number of GiB > 0"
-        )
-    return float(value)
+    """None (automatic: half the free disk), 0 (off) or a finite positive number of GiB."""
+    return validate_budget_gb(value, name="layer_cache_gb", zero_means="off")
 
 
 def filesystem_type(path: Path) -> str:
@@ -79,12 +72,6 @@ def filesystem_type(path: Path) -> str:
         if inside and len(mount) > len(best):
             best, kind = mount, part.fstype
     return kind
-
-
-def _pid_alive(pid: int) -> bool:
-    import psutil
-
-    return psutil.pid_exists(pid)
 
 
 @dataclass(frozen=True)
@@ -315,9 +302,11 @@ class LayerCache:
             del module
 
     def _remove_dead_folders(self) -> None:
+        import psutil
+
         for folder in self.root.glob("*-*"):
             pid = folder.name.split("-", 1)[0]
-            if folder.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if folder.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -322,7 +322,7 @@ class AdaptiveModelLoader:
         level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`."""
         self.manager = manager or DynamicQuantizationManager(device=device)
         self.device = device or self.manager.device
-        self.cache_budget_gb = validate_budget_gb(cache_budget_gb)
+        self.cache_budget_gb = validate_budget_gb(cache_budget_gb, name="cache_budget_gb")
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
         self.layer_cache = LayerCache(self.cache_dir / "layers", layer_cache_gb)
         if not self.layer_cache.enabled:
@@ -681,8 +681,8 @@ class AdaptiveModelLoader:
             model.tie_weights()
         for module in model.modules():  # buffers built at init (rotary inv_freq) are on the CPU: move them
             for buffer_name, buffer in list(module._buffers.items()):
-                if buffer is not None and buffer.device != torch.device(self.device) and not buffer.is_meta:
-                    module._buffers[buffer_name] = buffer.to(self.device)
+                if buffer is not None and not buffer.is_meta:
+                    module._buffers[buffer_name] = buffer.to(self.device)  # no copy when already there
         backends: dict[str, str] = {}
         ranges = mapped_ranges(source.folder)
         for layer, _ in tqdm(targets, desc=f"load {name} at {level.value}", unit="layer", disable=not self.show_progress):

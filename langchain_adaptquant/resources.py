@@ -94,13 +94,22 @@ class MemoryProbe(Protocol):
     def __call__(self) -> MemorySnapshot: ...
 
 
-def validate_budget_gb(value: Optional[float]) -> Optional[float]:
-    """A budget is None (no cap) or a finite positive number of GiB."""
+def validate_budget_gb(
+    value: Optional[float], name: str = "memory_budget_gb", zero_means: Optional[str] = None
+) -> Optional[float]:
+    """A budget is None (no cap) or a finite positive number of GiB; the error names ``name``.
+
+    With ``zero_means`` (e.g. "off"), 0 is allowed too and the error says what it means.
+    """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InvalidValueError("memory_budget_gb", value, "None or a finite number of GiB greater than 0")
-    return float(value)
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if number and (value > 0 or (value == 0 and zero_means is not None)):
+        return float(value)
+    allowed = "None or a finite number of GiB greater than 0"
+    if zero_means is not None:
+        allowed = f"None, 0 ({zero_means}) or a finite number of GiB greater than 0"
+    raise InvalidValueError(name, value, allowed)
 
 
 def detect_device() -> str:

@@ -129,8 +129,18 @@ def test_off_and_memory_backed_file_systems(tmp_path):
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "2", True])
 def test_bad_budget_names_the_value(bad):
-    with pytest.raises(InvalidValueError, match="layer_cache_gb"):
+    with pytest.raises(InvalidValueError, match="layer_cache_gb") as info:
         validate_layer_cache_gb(bad)
+    assert "0 (off)" in str(info.value)
+
+
+@pytest.mark.parametrize("name, bad", [("layer_cache_gb", -0.5), ("cache_budget_gb", 0), ("cache_budget_gb", "1")])
+def test_loader_budgets_name_their_own_argument(tmp_path, name, bad):
+    from langchain_adaptquant.loader import AdaptiveModelLoader
+
+    with pytest.raises(InvalidValueError, match=f"invalid {name}: "):
+        AdaptiveModelLoader(cache_dir=tmp_path, show_progress=False, **{name: bad})
+    assert not (tmp_path / "layers").exists() or not any((tmp_path / "layers").iterdir())  # nothing half-made
 
 
 def test_writes_wait_while_a_switch_holds_them(tmp_path):
