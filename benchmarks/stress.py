@@ -3,9 +3,12 @@
     python benchmarks/stress.py [--model PATH] [--requests 600] [--threads 8] [--tasks 8]
 
 Thread clients call ``invoke`` and asyncio clients ``ainvoke`` on one ChatAdaptQuant while a
-scripted probe swings memory through the policy's bands, so switches happen mid-run. Every request
-must end in a response or a typed error; greedy answers produced without a switch during their
-generation must equal a reference answer at their level. Prints a table and writes JSON.
+scripted probe swings memory through the policy's bands, so switches happen mid-run. All of them
+share the model's one generation engine, which decodes every request in flight as one batch and
+switches between steps. Every request must end in a response or a typed error; greedy answers
+produced at one level (``levels_used`` has one entry) must equal a reference answer at that level,
+computed one request at a time (the engine's answers do not depend on their batch company where
+the kernels are row-invariant; see docs/DYNAMIC_QUANTIZATION.md). Prints a table and writes JSON.
 The test suite runs the same ``run_load`` with fewer requests (tests/integration/test_reliability.py).
 """
 
@@ -42,6 +45,7 @@ class Outcome:
     level: Optional[str] = None
     content: Optional[str] = None
     switched_during_generation: bool = False
+    levels_used: tuple[str, ...] = ()
     error_type: Optional[str] = None
     error: Optional[str] = None
 
@@ -81,7 +85,7 @@ def _record(report: LoadReport, lock: threading.Lock, client: str, prompt: str, 
     if error is None:
         meta = message.response_metadata
         outcome = Outcome(client, prompt, True, seconds, meta["quantization_level"], message.content,
-                          bool(meta.get("switched_during_generation")))
+                          bool(meta.get("switched_during_generation")), tuple(meta.get("levels_used", ())))
     else:
         outcome = Outcome(client, prompt, False, seconds, error_type=type(error).__name__, error=str(error)[:200])
     with lock:
@@ -155,7 +159,7 @@ def reference_answers(llm: Any, levels: Sequence[str], prompts: Sequence[str] = 
 
 
 def mismatches(report: LoadReport, reference: dict[str, dict[str, str]]) -> list[Outcome]:
-    """Answers produced at one level (no switch during their generation) that differ from the reference."""
+    """Answers produced at one level (no switch between their steps) that differ from the reference."""
     return [
         o for o in report.outcomes
         if o.ok and not o.switched_during_generation and o.level in reference and reference[o.level][o.prompt] != o.content

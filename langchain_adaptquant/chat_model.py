@@ -1,16 +1,20 @@
 """ChatAdaptQuant: a LangChain chat model over a local causal LM whose precision adapts at run time.
 
 Every invocation (1) counts as load in the manager's tracker, (2) lets the loader re-decide the
-level and requantize in place when conditions changed, then (3) generates with the model's chat
-template. Switches are dispatched as LangChain custom events (``adaptquant.requantize``), so any
+level and requantize in place when conditions changed, then (3) renders the chat template and
+submits the prompt to the model's generation engine, which decodes every request in flight as one
+batch. ``invoke``, ``stream``, ``ainvoke`` and ``astream`` share one path over the engine's handle. Switches are dispatched as LangChain custom events (``adaptquant.requantize``), so any
 callback handler or tracer sees them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import threading
+import time
 from operator import itemgetter
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union
 
@@ -31,14 +35,18 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from langchain_adaptquant import chat_format, generation
+from langchain_adaptquant import chat_format
 from langchain_adaptquant.assets import reference_model_path
 from langchain_adaptquant.errors import InvalidValueError
+from langchain_adaptquant.generation import GenerationResult
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
 from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.runtime import GenerationRequest, RequestHandle, Sampling
 
 REQUANTIZE_EVENT = "adaptquant.requantize"
+
+logger = logging.getLogger(__name__)
 
 _SHARED_LOADERS: dict[Optional[float], AdaptiveModelLoader] = {}
 _SHARED_LOCK = threading.Lock()
@@ -89,7 +97,10 @@ class ChatAdaptQuant(BaseChatModel):
     max_retries: int = Field(default=1, ge=0)
     """Retries after running out of memory mid-generation, each one level lower."""
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments for ``model.generate`` (e.g. repetition_penalty)."""
+    """Decoding options for every call: ``top_k``, ``repetition_penalty``, ``min_new_tokens``,
+    ``do_sample``, ``seed`` and ``logits_processor`` (a Hugging Face-style callable
+    ``(input_ids [1, t], scores [1, vocab]) -> scores`` applied to this answer's row each step).
+    Anything else is an error naming it, not silently ignored. Per call: the same names as kwargs."""
     memory_budget_gb: Optional[float] = Field(default=None, gt=0)
     """Cap on memory the policy may count on, in GiB (acts like a container limit)."""
     prepare_levels: Optional[list[QuantizationLevel]] = None
@@ -194,7 +205,12 @@ class ChatAdaptQuant(BaseChatModel):
             chat_format.validate_tool_choice(tool_choice, tools)
         response_format = options.pop("response_format", None)
         top_p = options.pop("top_p", self.top_p)
-        extra = {**self.model_kwargs, **options}  # anything else goes to model.generate
+        extra = {**self.model_kwargs, **options}  # sampling options the engine honours; others are an error
+        logits_processor = extra.pop("logits_processor", None)
+        if logits_processor is not None and not callable(logits_processor):
+            raise InvalidValueError("logits_processor", logits_processor,
+                                    "None or a callable (input_ids [1, t], scores [1, vocab]) -> scores")
+        sampling = Sampling.from_options({"temperature": temperature, "top_p": top_p, **extra})
         return {
             "model": model,
             "priority": priority,
@@ -202,14 +218,10 @@ class ChatAdaptQuant(BaseChatModel):
             "tools": tools,
             "tool_choice": tool_choice,
             "response_format": response_format,
-            "settings": generation.GenerationSettings(
-                max_new_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=tuple(stops),
-                timeout_s=self.timeout,
-                extra=tuple(extra.items()),
-            ),
+            "max_tokens": max_tokens,
+            "stop": tuple(stops),
+            "sampling": sampling,
+            "logits_processor": logits_processor,
         }
 
     def _prompt(self, loaded: LoadedModel, messages: list[BaseMessage], options: dict[str, Any]) -> tuple[torch.Tensor, str]:
@@ -253,7 +265,7 @@ class ChatAdaptQuant(BaseChatModel):
         return ids, prefill
 
     def _message_parts(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
-                       result: generation.GenerationResult) -> tuple[str, list, list, str]:
+                       result: GenerationResult) -> tuple[str, list, list, str]:
         text = prefill + result.text
         finish = result.finish_reason
         if options["tools"] and options["tool_choice"] != "none":
@@ -266,68 +278,134 @@ class ChatAdaptQuant(BaseChatModel):
             return content, calls, invalid, finish
         return text, [], [], finish
 
-    def _metadata(self, loaded: LoadedModel, result: generation.GenerationResult, finish: str,
+    def _metadata(self, loaded: LoadedModel, result: GenerationResult, finish: str,
                   call: "_CallRecord") -> dict[str, Any]:
         snapshot = self._loader().manager.snapshot()
+        levels = list(result.levels_used) or [loaded.level.value]
+        level = QuantizationLevel.parse(levels[0])
         return {
             "model_name": loaded.name,
             "model_provider": "adaptquant",
-            "quantization_level": (call.level or loaded.level).value,
-            "precision": (call.level or loaded.level).precision(loaded.device),
+            "quantization_level": level.value,  # the level the answer started at (its decision's)
+            "precision": level.precision(loaded.device),
             "backend": loaded.backend,
             "backends": loaded.backend_summary(),
             "memory": snapshot.to_dict(),
             "model_size_mb": round(loaded.stored_bytes / 2**20, 2),
             "decision_reason": call.reason,
             "switches": [record.to_dict() for record in call.switches],
-            # another request switched the model while this one generated: its layers were swapped
-            # one by one mid-answer, so the answer mixes levels (still well-formed)
-            "switched_during_generation": call.switched_during_generation,
+            # the levels this answer's tokens were produced at, in order: a switch lands between two
+            # decode steps, so each token has one level; more than one means a switch came mid-answer
+            "levels_used": levels,
+            "level_runs": [list(run) for run in result.level_runs],  # [level, tokens produced at it]
+            "switched_during_generation": len(levels) > 1,
             "generation_seconds": round(result.seconds, 4),
             "finish_reason": finish,
         }
 
     @staticmethod
-    def _usage(result: generation.GenerationResult) -> UsageMetadata:
+    def _usage(result: GenerationResult) -> UsageMetadata:
         return UsageMetadata(
             input_tokens=result.input_tokens,
             output_tokens=result.output_tokens,
             total_tokens=result.input_tokens + result.output_tokens,
         )
 
-    def _run(self, loaded: LoadedModel, messages: list[BaseMessage], options: dict[str, Any],
-             cancel: threading.Event, call: "_CallRecord") -> tuple[generation.GenerationResult, str]:
-        """Generate, retrying one level lower when memory runs out mid-generation."""
-        attempts = 0
-        while True:
-            ids, prefill = self._prompt(loaded, messages, options)
-            try:
-                with loaded.in_use():
-                    call.start(loaded)
-                    settings = _fit_context(options["settings"], loaded, ids)
-                    result = generation.generate(loaded.model, loaded.tokenizer, ids, settings, cancel)
-                    call.finish(loaded)
-                    return result, prefill
-            except (MemoryError, torch.OutOfMemoryError):
-                lower = _next_lower(loaded.level)
-                if attempts >= self.max_retries or lower is None:
-                    raise
-                attempts += 1
-                self._loader().requantize(loaded, lower, reason="out of memory during generation")
-
-    def _result(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
-                result: generation.GenerationResult, call: "_CallRecord") -> ChatResult:
-        content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
-        message = AIMessage(
-            content=content,
-            tool_calls=calls,
-            invalid_tool_calls=invalid,
-            usage_metadata=self._usage(result),
-            response_metadata=self._metadata(loaded, result, finish, call),
+    # -- generation: one path for invoke, stream, ainvoke and astream ----------------------------
+    def _begin(self, messages: list[BaseMessage], options: dict[str, Any]) -> "_Answer":
+        """Load (and maybe switch) the model, render the prompt, build the request: no torch work."""
+        loaded, call = self._prepare(options)
+        ids, prefill = self._prompt(loaded, messages, options)
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        max_new = options["max_tokens"]
+        if context and ids.shape[1] + max_new > context:  # cap the answer to fit the context window
+            max_new = max(1, context - ids.shape[1])
+        request = GenerationRequest(
+            prompt_ids=tuple(ids[0].tolist()),
+            max_new_tokens=max_new,
+            stop=options["stop"],
+            sampling=options["sampling"],
+            deadline=time.monotonic() + self.timeout if self.timeout else None,
+            logits_processor=options["logits_processor"],
         )
-        return ChatResult(generations=[ChatGeneration(message=message, generation_info={"finish_reason": finish})])
+        return _Answer(self._loader(), loaded, call, request, prefill, self.max_retries)
 
-    # -- sync -----------------------------------------------------------------------------------
+    def _chunk(self, options: dict[str, Any], piece: str) -> Optional[ChatGenerationChunk]:
+        if options["tools"] or options["response_format"]:
+            return None  # tool calls and JSON are parsed whole, at the end
+        return ChatGenerationChunk(message=AIMessageChunk(content=piece))
+
+    def _chunks(self, messages: list[BaseMessage], options: dict[str, Any],
+                run_manager: Optional[CallbackManagerForLLMRun], tokens: bool) -> Iterator[ChatGenerationChunk]:
+        """Chunks of one answer; ``tokens``: report each to the callbacks (streaming)."""
+        chat_format.to_chat_dicts(messages)  # bad messages fail before anything is counted or loaded
+        tracker = self._loader().manager.tracker
+        with tracker.track():
+            answer = self._begin(messages, options)
+            try:
+                answer.submit()
+                _dispatch_sync(run_manager, answer.take_new_switches())
+                while True:
+                    try:
+                        for piece in answer.handle:
+                            chunk = self._chunk(options, piece)
+                            if chunk is not None:
+                                if tokens and run_manager:
+                                    run_manager.on_llm_new_token(piece, chunk=chunk)
+                                yield chunk
+                        break
+                    except (MemoryError, torch.OutOfMemoryError) as error:
+                        if not answer.retry(error):
+                            raise
+                        _dispatch_sync(run_manager, answer.take_new_switches())
+                result = answer.handle.result(timeout=0)
+            finally:
+                answer.close()  # a consumer that stopped early (or an error) ends the request
+        yield self._final_chunk(answer.loaded, options, answer.prefill, result, answer.call)
+
+    async def _achunks(self, messages: list[BaseMessage], options: dict[str, Any],
+                       run_manager: Optional[AsyncCallbackManagerForLLMRun], tokens: bool
+                       ) -> AsyncIterator[ChatGenerationChunk]:
+        """The async twin of :meth:`_chunks`: waits on the engine without a thread per request."""
+        chat_format.to_chat_dicts(messages)
+        tracker = self._loader().manager.tracker
+        async with tracker.atrack():
+            answer = await asyncio.to_thread(self._begin, messages, options)  # loads/switches: blocking
+            try:
+                answer.submit()
+                await _dispatch_async(run_manager, answer.take_new_switches())
+                while True:
+                    try:
+                        async for piece in answer.handle:
+                            chunk = self._chunk(options, piece)
+                            if chunk is not None:
+                                if tokens and run_manager:
+                                    await run_manager.on_llm_new_token(piece, chunk=chunk)
+                                yield chunk
+                        break
+                    except (MemoryError, torch.OutOfMemoryError) as error:
+                        if not await asyncio.to_thread(answer.retry, error):
+                            raise
+                        await _dispatch_async(run_manager, answer.take_new_switches())
+                result = answer.handle.result(timeout=0)
+            finally:
+                answer.close()  # a cancelled task or an early stop ends the request at the next step
+        yield self._final_chunk(answer.loaded, options, answer.prefill, result, answer.call)
+
+    @staticmethod
+    def _merged(chunks: list[ChatGenerationChunk]) -> ChatResult:
+        merged = chunks[0]
+        for chunk in chunks[1:]:
+            merged += chunk
+        message = merged.message
+        final = AIMessage(
+            content=message.content, usage_metadata=message.usage_metadata,
+            response_metadata=message.response_metadata, tool_calls=message.tool_calls,
+            invalid_tool_calls=message.invalid_tool_calls,
+        )
+        info = {"finish_reason": message.response_metadata.get("finish_reason")}
+        return ChatResult(generations=[ChatGeneration(message=final, generation_info=info)])
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -336,23 +414,7 @@ class ChatAdaptQuant(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         options = self._call_options(stop, kwargs)
-        chat_format.to_chat_dicts(messages)  # bad messages fail before anything is counted or loaded
-        if self.streaming and not options["tools"]:
-            chunks = list(self._stream(messages, stop=stop, run_manager=run_manager, **kwargs))
-            merged = chunks[0]
-            for chunk in chunks[1:]:
-                merged += chunk
-            message = merged.message
-            return ChatResult(generations=[ChatGeneration(message=AIMessage(
-                content=message.content, usage_metadata=message.usage_metadata,
-                response_metadata=message.response_metadata, tool_calls=message.tool_calls,
-            ))])
-        tracker = self._loader().manager.tracker
-        with tracker.track():
-            loaded, call = self._prepare(options)
-            _dispatch_sync(run_manager, call.switches)
-            result, prefill = self._run(loaded, messages, options, threading.Event(), call)
-        return self._result(loaded, options, prefill, result, call)
+        return self._merged(list(self._chunks(messages, options, run_manager, tokens=self.streaming)))
 
     def _stream(
         self,
@@ -362,34 +424,32 @@ class ChatAdaptQuant(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         options = self._call_options(stop, kwargs)
-        chat_format.to_chat_dicts(messages)
-        tracker = self._loader().manager.tracker
-        with tracker.track():
-            loaded, call = self._prepare(options)
-            _dispatch_sync(run_manager, call.switches)
-            ids, prefill = self._prompt(loaded, messages, options)
-            cancel = threading.Event()
-            with loaded.in_use():
-                call.start(loaded)
-                pieces = generation.stream(loaded.model, loaded.tokenizer, ids, _fit_context(options["settings"], loaded, ids), cancel)
-                try:
-                    for item in pieces:
-                        if isinstance(item, str):
-                            if options["tools"] or options["response_format"]:
-                                continue  # tool calls and JSON are parsed whole, at the end
-                            chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
-                            if run_manager:
-                                run_manager.on_llm_new_token(item, chunk=chunk)
-                            yield chunk
-                        else:
-                            result = item
-                finally:
-                    pieces.close()
-                call.finish(loaded)
-            yield self._final_chunk(loaded, options, prefill, result, call)
+        yield from self._chunks(messages, options, run_manager, tokens=True)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: Optional[list[str]] = None,
+        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        options = self._call_options(stop, kwargs)
+        chunks = [chunk async for chunk in self._achunks(messages, options, run_manager, tokens=self.streaming)]
+        return self._merged(chunks)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: Optional[list[str]] = None,
+        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        options = self._call_options(stop, kwargs)
+        async for chunk in self._achunks(messages, options, run_manager, tokens=True):
+            yield chunk
 
     def _final_chunk(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
-                     result: generation.GenerationResult, call: "_CallRecord") -> ChatGenerationChunk:
+                     result: GenerationResult, call: "_CallRecord") -> ChatGenerationChunk:
         content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
         buffered = bool(options["tools"] or options["response_format"])
         chunks = [
@@ -405,88 +465,6 @@ class ChatAdaptQuant(BaseChatModel):
         if invalid:
             message.invalid_tool_calls = invalid
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": finish})
-
-    # -- async ----------------------------------------------------------------------------------
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: Optional[list[str]] = None,
-        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        options = self._call_options(stop, kwargs)
-        chat_format.to_chat_dicts(messages)
-        if self.streaming and not options["tools"]:
-            merged = None
-            async for chunk in self._astream(messages, stop=stop, run_manager=run_manager, **kwargs):
-                merged = chunk if merged is None else merged + chunk
-            message = merged.message
-            return ChatResult(generations=[ChatGeneration(message=AIMessage(
-                content=message.content, usage_metadata=message.usage_metadata,
-                response_metadata=message.response_metadata,
-            ))])
-        tracker = self._loader().manager.tracker
-        async with tracker.atrack():
-            loaded, call = await asyncio.to_thread(self._prepare, options)
-            await _dispatch_async(run_manager, call.switches)
-            cancel = threading.Event()
-            try:
-                result, prefill = await asyncio.to_thread(self._run, loaded, messages, options, cancel, call)
-            except asyncio.CancelledError:
-                cancel.set()  # the worker thread stops at its next token
-                raise
-        return self._result(loaded, options, prefill, result, call)
-
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: Optional[list[str]] = None,
-        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        options = self._call_options(stop, kwargs)
-        chat_format.to_chat_dicts(messages)
-        tracker = self._loader().manager.tracker
-        async with tracker.atrack():
-            loaded, call = await asyncio.to_thread(self._prepare, options)
-            await _dispatch_async(run_manager, call.switches)
-            ids, prefill = await asyncio.to_thread(self._prompt, loaded, messages, options)
-            cancel = threading.Event()
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-
-            def work() -> None:
-                try:
-                    with loaded.in_use():
-                        call.start(loaded)
-                        settings = _fit_context(options["settings"], loaded, ids)
-                        for item in generation.stream(loaded.model, loaded.tokenizer, ids, settings, cancel):
-                            if not isinstance(item, str):
-                                call.finish(loaded)
-                            loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
-                except BaseException as error:  # noqa: BLE001 - re-raised in the event loop
-                    loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
-
-            worker = threading.Thread(target=work, name="adaptquant-astream", daemon=True)
-            worker.start()
-            result = None
-            try:
-                while result is None:
-                    kind, item = await queue.get()
-                    if kind == "error":
-                        raise item
-                    if isinstance(item, str):
-                        if options["tools"] or options["response_format"]:
-                            continue
-                        chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
-                        if run_manager:
-                            await run_manager.on_llm_new_token(item, chunk=chunk)
-                        yield chunk
-                    else:
-                        result = item
-            finally:
-                cancel.set()  # a consumer that stops early (or a cancelled task) stops the worker
-            yield self._final_chunk(loaded, options, prefill, result, call)
 
     # -- tools and structured output ------------------------------------------------------------
     def bind_tools(
@@ -561,29 +539,65 @@ class _CallRecord:
     def __init__(self) -> None:
         self.reason = ""
         self.switches: list[SwitchRecord] = []
-        self.switched_during_generation = False
-        self.level: Optional[QuantizationLevel] = None
-        self._version = 0
 
     def set_reason(self, reason: str) -> None:
         self.reason = reason
 
-    def start(self, loaded: LoadedModel) -> None:
-        """Note the weights' version and level as generation starts."""
-        self._version = loaded.weights_version
-        self.level = loaded.level
 
-    def finish(self, loaded: LoadedModel) -> None:
-        """A switch overlapped this generation if the version moved or was odd (mid-switch) at start."""
-        self.switched_during_generation = loaded.weights_version != self._version or self._version % 2 == 1
+class _Answer:
+    """One answer over one or more engine requests (a retry after running out of memory resumes).
 
+    Holds the model "in use" (not evictable) from ``submit`` to ``close``.
+    """
 
-def _fit_context(settings: generation.GenerationSettings, loaded: LoadedModel, ids: torch.Tensor) -> generation.GenerationSettings:
-    """Cap new tokens so prompt plus answer stay inside the model's context window."""
-    context = getattr(loaded.model.config, "max_position_embeddings", None)
-    if not context or ids.shape[1] + settings.max_new_tokens <= context:
-        return settings
-    return dataclasses.replace(settings, max_new_tokens=max(1, context - ids.shape[1]))
+    def __init__(self, loader: AdaptiveModelLoader, loaded: LoadedModel, call: _CallRecord,
+                 request: GenerationRequest, prefill: str, max_retries: int) -> None:
+        self.loader, self.loaded, self.call = loader, loaded, call
+        self.request, self.prefill = request, prefill
+        self.max_retries = max_retries
+        self.attempts = 0
+        self.handle: Optional[RequestHandle] = None
+        self._in_use = contextlib.ExitStack()
+        self._dispatched = 0
+
+    def submit(self) -> None:
+        self._in_use.enter_context(self.loaded.in_use())
+        self.handle = self.loader.engine(self.loaded).submit(self.request)
+
+    def take_new_switches(self) -> list[SwitchRecord]:
+        """Switch records not yet sent to the callbacks."""
+        new = self.call.switches[self._dispatched :]
+        self._dispatched = len(self.call.switches)
+        return new
+
+    def retry(self, error: BaseException) -> bool:
+        """After running out of memory: one level lower, then resume from the tokens produced so far.
+
+        The level below the one the failing step ran at (not below whatever the model is at now:
+        several requests of one batch fail together and must not each step the model down).
+        Nothing already streamed is sent again. False when no retry is left or no lower level exists.
+        """
+        assert self.handle is not None
+        progress = self.handle.progress()
+        failed_at = QuantizationLevel.parse(progress.last_level) if progress.last_level else self.loaded.level
+        lower = _next_lower(failed_at)
+        if self.attempts >= self.max_retries or lower is None:
+            return False
+        self.attempts += 1
+        logger.warning("%s ran out of memory at %s (%s); retrying at %s", self.loaded.name, failed_at.value, error,
+                       lower.value)
+        if self.loaded.level.rank > lower.rank:
+            record = self.loader.requantize(self.loaded, lower, reason="out of memory during generation")
+            if record is not None:
+                self.call.switches.append(record)
+        self.request = dataclasses.replace(self.request, resume=progress.resume())
+        self.handle = self.loader.engine(self.loaded).submit(self.request)
+        return True
+
+    def close(self) -> None:
+        if self.handle is not None and not self.handle.done:
+            self.handle.cancel()
+        self._in_use.close()
 
 
 def _json_instruction(response_format: dict[str, Any]) -> str:

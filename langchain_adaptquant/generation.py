@@ -1,17 +1,21 @@
-"""One generation on a loaded model: prompt ids in, text (or a stream of text pieces) out.
+"""Decoded text with stop strings, the settings and result of one answer, and the per-request path.
 
-Stop strings are matched on decoded text, so a stop string spanning several tokens works (the
-model stops as soon as it appears, and the text is cut before it). Cancellation and timeouts are
-stopping criteria: generation ends at the next token, not after ``max_new_tokens``.
+:class:`TextWatch` turns generated ids into text that is safe to show: stop strings are matched on
+decoded text, so one spanning several tokens works (the answer ends as soon as it appears and is
+cut before it). The engine (:mod:`langchain_adaptquant.runtime`) keeps one per sequence.
+
+:func:`generate` is the per-request path the engine replaced: one ``model.generate`` (batch of 1)
+per request, on the caller's thread. It stays as the baseline ``benchmarks/throughput.py``
+measures the engine against, and as a reference the tests compare the engine with. Cancellation
+and timeouts are stopping criteria there: generation ends at the next token.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -34,6 +38,11 @@ class GenerationResult:
     output_tokens: int
     finish_reason: str  # "stop", "length", "cancelled" or "timeout"
     seconds: float
+    #: Levels the forward passes of this answer ran at, in order (one entry unless a switch landed
+    #: between two of its steps). Empty on the per-request path, which cannot tell.
+    levels_used: tuple[str, ...] = ()
+    #: (level, tokens produced at it) in order, e.g. (("fp16", 5), ("int2", 3)).
+    level_runs: tuple[tuple[str, int], ...] = ()
 
 
 class TextWatch:
@@ -118,7 +127,8 @@ class _Criteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end an answer: the model's generation config and the tokenizer's."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -140,7 +150,7 @@ def generate(
     """Run ``model.generate`` once; ``on_tokens`` sees the TextWatch after every step (streaming)."""
     started = time.perf_counter()
     cancel = cancel or threading.Event()
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     watch = TextWatch(tokenizer, settings.stop, eos)
     deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else None
     prompt_len = input_ids.shape[1]
@@ -183,53 +193,3 @@ def generate(
         finish_reason=finish,
         seconds=time.perf_counter() - started,
     )
-
-
-def stream(
-    model: Any,
-    tokenizer: Any,
-    input_ids: torch.Tensor,
-    settings: GenerationSettings,
-    cancel: threading.Event,
-) -> Iterator[Any]:
-    """Yield text pieces as they are decoded, then the GenerationResult last.
-
-    Generation runs in a worker thread; closing this iterator sets ``cancel`` so the worker stops
-    at its next token instead of running to ``max_new_tokens``.
-    """
-    pieces: "queue.Queue[tuple[str, Any]]" = queue.Queue()
-    watches: list[TextWatch] = []
-
-    def on_tokens(watch: TextWatch) -> None:
-        if not watches:
-            watches.append(watch)
-        piece = watch.emit()
-        if piece:
-            pieces.put(("piece", piece))
-
-    def work() -> None:
-        try:
-            result = generate(model, tokenizer, input_ids, settings, cancel, on_tokens)
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
-            pieces.put(("error", error))
-            return
-        tail = watches[0].emit(final=True) if watches else ""
-        if tail:
-            pieces.put(("piece", tail))  # text held back while it could still become a stop string
-        pieces.put(("done", result))
-
-    worker = threading.Thread(target=work, name="adaptquant-generate", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = pieces.get()
-            if kind == "piece":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                yield value
-                return
-    finally:
-        cancel.set()
-        worker.join(timeout=30)

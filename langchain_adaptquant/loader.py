@@ -4,8 +4,10 @@ A load builds the model skeleton without memory (meta device), then fills it one
 from the memory-mapped safetensors: 16-bit parts as they are, each quantizable Linear through a
 backend. A switch does the same for the Linear layers only, swapping one module at a time, so peak
 memory is the larger of before/after plus about one layer, never two models. Requests in flight
-keep running: a forward pass holds the module it started with, and assigning a module attribute is
-atomic under the GIL, so each forward sees every layer either before or after its swap.
+keep running: they are decoded by the model's one :class:`~langchain_adaptquant.runtime.GenerationEngine`
+(:meth:`AdaptiveModelLoader.engine`), and a switch holds the model's
+:class:`~langchain_adaptquant.runtime.StepGate`, so it lands between two decode steps: every token
+is produced with one known set of weights.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -45,8 +47,12 @@ from langchain_adaptquant.layer_cache import LayerCache
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
+from langchain_adaptquant.runtime.gate import StepGate
 from langchain_adaptquant.sizing import ModelSize, size_from_model, size_of
 from langchain_adaptquant.weights import WeightSource, resolve_model_folder
+
+if TYPE_CHECKING:
+    from langchain_adaptquant.runtime.engine import EngineConfig, GenerationEngine
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +229,18 @@ class LoadedModel:
     active_requests: int = 0
     last_error: Optional[str] = None
     last_decision_reason: str = ""
-    #: Even when the weights are stable, odd while a switch swaps layers (a seqlock): a request that
-    #: saw the same even value before and after generating ran entirely at one level.
+    #: Even when the weights are stable, odd while a switch swaps layers (a seqlock) — for code that
+    #: runs the model outside the engine; the engine itself knows each step's level (``gate``).
     weights_version: int = 0
     switches: list[SwitchRecord] = field(default_factory=list)
     switch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Decode steps run inside ``gate.step()``, switches inside ``gate.exclusive()``: never both.
+    gate: StepGate = field(default_factory=StepGate, repr=False)
+    #: The model's generation engine, started by ``AdaptiveModelLoader.engine`` on first use.
+    engine: Optional["GenerationEngine"] = field(default=None, repr=False)
+    #: Priority and forced level of the latest call: the engine's between-steps check re-decides with them.
+    last_priority: TaskPriority = TaskPriority.BALANCED
+    last_forced: Optional[QuantizationLevel] = None
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -276,6 +289,7 @@ class LoadedModel:
             "access_count": self.access_count,
             "last_access": self.last_access,
             "active_requests": self.active_requests,
+            "engine": self.engine.stats().to_dict() if self.engine is not None else None,
             "switches": len(self.switches),
             "last_error": self.last_error,
         }
@@ -285,6 +299,12 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every Linear except the output head, in module order (the head stays 16-bit, as in sizing)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+
+
+def _close_engine(loaded: LoadedModel) -> None:
+    engine, loaded.engine = loaded.engine, None
+    if engine is not None:
+        engine.close()
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -317,9 +337,11 @@ class AdaptiveModelLoader:
         cache_dir: Optional[str | Path] = None,
         show_progress: bool = True,
         layer_cache_gb: Optional[float] = None,
+        engine_config: Optional["EngineConfig"] = None,
     ) -> None:
         """``layer_cache_gb`` bounds the disk used to keep quantized layers for switching back to a
-        level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`."""
+        level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`.
+        ``engine_config`` sizes each model's generation engine (batch, queue, threads)."""
         self.manager = manager or DynamicQuantizationManager(device=device)
         self.device = device or self.manager.device
         self.cache_budget_gb = validate_budget_gb(cache_budget_gb, name="cache_budget_gb")
@@ -328,6 +350,7 @@ class AdaptiveModelLoader:
         if not self.layer_cache.enabled:
             logger.info("layer cache off: %s", self.layer_cache.disabled_reason)
         self.show_progress = show_progress
+        self.engine_config = engine_config
         self._cache: "OrderedDict[str, LoadedModel]" = OrderedDict()
         self._preparing: dict[str, threading.Thread] = {}  # background prepare_levels, one per model
         self._lock = threading.RLock()
@@ -369,6 +392,7 @@ class AdaptiveModelLoader:
                 cached = self.get(key)
                 if cached is None:
                     loaded = self._load(key, name, folder, model_size_params, priority, forced)
+                    loaded.last_priority, loaded.last_forced = priority, forced
                     if on_decision is not None:
                         on_decision(loaded.last_decision_reason)
                     return loaded
@@ -376,6 +400,7 @@ class AdaptiveModelLoader:
             self._cache.move_to_end(key)
         cached.access_count += 1
         cached.last_access = time.time()
+        cached.last_priority, cached.last_forced = priority, forced
         if forced is not None:
             reason = cached.last_decision_reason = f"forced to {forced.value}"
             record = self.requantize(cached, forced, reason=reason) if forced is not cached.level else None
@@ -403,8 +428,10 @@ class AdaptiveModelLoader:
         self, loaded: LoadedModel, task_priority: TaskPriority | str, model_size_params: Optional[float]
     ) -> tuple[Optional[SwitchRecord], str]:
         size = size_of(model_size_params) if model_size_params is not None else loaded.size
+        kv = loaded.engine.kv_usage() if loaded.engine is not None else None
         verdict = self.manager.should_reoptimize(
-            loaded.level, size, task_priority, model_key=loaded.key, current_bytes=loaded.stored_bytes
+            loaded.level, size, task_priority, model_key=loaded.key, current_bytes=loaded.stored_bytes,
+            kv_resident_bytes=kv.resident_bytes if kv else 0, kv_reserved_bytes=kv.reserved_bytes if kv else 0,
         )
         loaded.last_decision_reason = verdict.reason
         if not verdict:
@@ -421,18 +448,44 @@ class AdaptiveModelLoader:
         All-or-nothing: if any layer fails, the layers already swapped are requantized back with
         their previous backend and :class:`SwitchError` is raised; the model keeps serving. Two
         switches of one model never overlap: the second waits, then finds the level already set.
+        The switch waits for the engine's decode step in progress (at most one) and no step starts
+        until it is done, so every token is produced at one level.
         """
         level = QuantizationLevel.parse(level)
         self.check_level_available(level)
         with loaded.switch_lock:
             if loaded.level is level:
                 return None
-            loaded.weights_version += 1  # odd while layers are being swapped
-            try:
-                with self.layer_cache.writes_held():  # cache writes wait: they would slow the switch
-                    return self._switch(loaded, level, reason)
-            finally:
-                loaded.weights_version += 1
+            with loaded.gate.exclusive():
+                loaded.weights_version += 1  # odd while layers are being swapped
+                try:
+                    with self.layer_cache.writes_held():  # cache writes wait: they would slow the switch
+                        return self._switch(loaded, level, reason)
+                finally:
+                    loaded.weights_version += 1
+
+    def engine(self, loaded: LoadedModel) -> "GenerationEngine":
+        """The model's generation engine (one worker thread), started on first use.
+
+        Between steps it lets the policy re-decide (with the latest call's priority, the engine's
+        KV bytes and the requests in flight), so a memory-forced downgrade lands within a step even
+        while no new request arrives. A level forced by the latest call is left alone.
+        """
+        with loaded._count_lock:
+            if loaded.engine is None:
+                from langchain_adaptquant.runtime.engine import EngineConfig, GenerationEngine
+
+                loaded.engine = GenerationEngine(
+                    loaded.model, loaded.tokenizer, gate=loaded.gate, level_of=lambda: loaded.level.value,
+                    config=self.engine_config or EngineConfig(), on_boundary=lambda _: self._between_steps(loaded),
+                    name=loaded.name,
+                )
+            return loaded.engine
+
+    def _between_steps(self, loaded: LoadedModel) -> None:
+        if loaded.last_forced is not None or self.get(loaded.key) is not loaded:
+            return
+        self._reoptimize(loaded, loaded.last_priority, None)
 
     def get(self, key_or_path: str | Path) -> Optional[LoadedModel]:
         with self._lock:
@@ -540,6 +593,7 @@ class AdaptiveModelLoader:
             self._preparing.pop(loaded.key, None)
         self.manager.forget(loaded.key)
         self.layer_cache.forget(loaded.key)
+        _close_engine(loaded)
         del loaded
         release_memory(full=True)
         return True
@@ -557,6 +611,7 @@ class AdaptiveModelLoader:
                 self._preparing.pop(loaded.key, None)
             self.manager.forget(loaded.key)
             self.layer_cache.forget(loaded.key)
+            _close_engine(loaded)
             evicted.append(loaded.name)
         loaded = None  # noqa: F841 - drop the loop's last reference before collecting
         release_memory(full=True)

@@ -157,6 +157,8 @@ class DynamicQuantizationManager:
         current_level: Optional[QuantizationLevel],
         current_bytes: Optional[int],
         active_requests: Optional[int],
+        kv_resident_bytes: int = 0,
+        kv_reserved_bytes: int = 0,
     ) -> PolicyInputs:
         snap = self.snapshot()
         level_bytes = _level_bytes(size)
@@ -172,6 +174,8 @@ class DynamicQuantizationManager:
             current_level=current_level,
             current_bytes=current_bytes or 0,
             available_levels=self.available_levels,
+            kv_resident_bytes=kv_resident_bytes,
+            kv_reserved_bytes=kv_reserved_bytes,
         )
 
     # -- questions ------------------------------------------------------------------------------
@@ -182,11 +186,18 @@ class DynamicQuantizationManager:
         current_level: Optional[QuantizationLevel | str] = None,
         current_bytes: Optional[int] = None,
         active_requests: Optional[int] = None,
+        kv_resident_bytes: int = 0,
+        kv_reserved_bytes: int = 0,
     ) -> Decision:
-        """The policy's decision with the live snapshot and load; no hysteresis."""
+        """The policy's decision with the live snapshot and load; no hysteresis.
+
+        ``kv_*_bytes``: the model's KV cache now (inside the measured memory) and at its longest
+        for the requests in flight and queued; the runtime passes them as plain numbers.
+        """
         priority = TaskPriority.parse(task_priority)
         level = QuantizationLevel.parse(current_level) if current_level is not None else None
-        inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests)
+        inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests,
+                              kv_resident_bytes, kv_reserved_bytes)
         return decide(inputs, self.policy)
 
     def calculate_optimal_quantization(
@@ -216,12 +227,15 @@ class DynamicQuantizationManager:
         model_key: str = "default",
         current_bytes: Optional[int] = None,
         now: Optional[float] = None,
+        kv_resident_bytes: int = 0,
+        kv_reserved_bytes: int = 0,
     ) -> ReoptimizeDecision:
         """Should the model at ``current_level`` switch now? Call :meth:`record_switch` once it did."""
         level = QuantizationLevel.parse(current_level)
         now = self._clock() if now is None else now
         try:
-            decision = self.decide(model_size_params, task_priority, level, current_bytes)
+            decision = self.decide(model_size_params, task_priority, level, current_bytes,
+                                   kv_resident_bytes=kv_resident_bytes, kv_reserved_bytes=kv_reserved_bytes)
         except InsufficientMemoryError as error:
             # The model is already resident: failing its requests would not free anything. Shrink it
             # to the smallest level at once and keep serving.

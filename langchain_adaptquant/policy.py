@@ -5,7 +5,9 @@ Two steps, both free of clocks and I/O so they can be tested as tables:
 1. :func:`decide` maps (memory, load, priority, device levels, model sizes) to a level. Memory is
    *projected*: for each candidate level it is the memory the system would use with the model at
    that level (``used - current model bytes + candidate bytes``). Without projection a downgrade
-   frees memory, the freed memory asks for an upgrade, and the model oscillates.
+   frees memory, the freed memory asks for an upgrade, and the model oscillates. The KV cache of
+   the requests in flight and queued is projected the same way: what it holds now is inside
+   ``used``, what it will hold at their longest is added (``- kv resident + kv reserved``).
 2. :func:`apply_hysteresis` decides whether to act on that level now, given when the model last
    switched: downgrades forced by memory happen at once, downgrades asked for only by load or
    priority wait until the load has persisted, and upgrades wait for a cooldown and need a margin.
@@ -136,9 +138,14 @@ class PolicyInputs:
     current_level: Optional[QuantizationLevel] = None
     current_bytes: int = 0  # bytes the model holds now (0 when not loaded)
     available_levels: Sequence[QuantizationLevel] = LEVELS_BY_PRECISION
+    #: KV cache the model's engine holds now (already inside ``used_bytes``) ...
+    kv_resident_bytes: int = 0
+    #: ... and what the requests in flight and queued will hold at their longest (prompt + max tokens).
+    kv_reserved_bytes: int = 0
 
     def projected_used_bytes(self, level: QuantizationLevel) -> int:
-        return self.used_bytes - self.current_bytes + self.level_bytes[level]
+        kv = self.kv_reserved_bytes - self.kv_resident_bytes
+        return self.used_bytes - self.current_bytes + self.level_bytes[level] + kv
 
     def projected_percent(self, level: QuantizationLevel) -> float:
         return 100.0 * self.projected_used_bytes(level) / self.total_bytes
@@ -173,8 +180,9 @@ class Decision:
 
 
 def _describe(inputs: PolicyInputs, percent: float, config: PolicyConfig) -> str:
+    kv = f" (KV cache {inputs.kv_reserved_bytes / 2**20:.1f} MB)" if inputs.kv_reserved_bytes else ""
     return (
-        f"{MEMORY_BAND_NAMES[memory_band(percent, config)]} memory ({percent:.1f}% projected), "
+        f"{MEMORY_BAND_NAMES[memory_band(percent, config)]} memory ({percent:.1f}% projected{kv}), "
         f"{inputs.active_requests} request(s) in flight, {inputs.priority.value} priority"
     )
 

@@ -1,7 +1,8 @@
 """OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models`` over the app's ChatAdaptQuant.
 
-Generation runs in worker threads (ChatAdaptQuant's ``ainvoke``/``astream``), so the event loop keeps
-answering /status and streaming other clients' tokens. A request is checked against the app's limits
+Generation runs in the model's engine thread, which decodes all requests in flight as one batch;
+``ainvoke``/``astream`` only wait on it, so the event loop keeps answering /status and streaming
+other clients' tokens. A request is checked against the app's limits
 before it takes a queue slot, and the slot is given back however the request ends (done, error,
 client gone).
 """
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from langchain_core.messages import AIMessage
 
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
+from langchain_adaptquant.runtime import EngineBusyError
 from langchain_adaptquant.server import openai_compat
 from langchain_adaptquant.server.context import Ctx, ServedModel, ServerContext
 from langchain_adaptquant.server.errors import APIError
@@ -123,6 +125,8 @@ async def chat_completions(body: ChatCompletionRequest, ctx: Ctx) -> Any:
                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         message: AIMessage = await runnable.ainvoke(messages, config=config, **kwargs)
+    except EngineBusyError as error:  # the engine's own queue bound (behind max_queue, normally never hit)
+        raise APIError(503, f"server busy: {error}", "server_busy", headers={"Retry-After": "1"}) from None
     finally:
         slot.release()
     return JSONResponse(openai_compat.completion(message, served.id))
@@ -142,6 +146,9 @@ async def _sse(chunks: AsyncIterator[Any], writer: openai_compat.ChunkWriter) ->
                 meta = dict(chunk.response_metadata)
                 usage = dict(chunk.usage_metadata or {})
                 calls = list(chunk.tool_calls or [])
+    except EngineBusyError as error:
+        yield writer.error(f"server busy: {error}", "server_busy", 503)
+        return
     except (AdaptQuantError, ValueError) as error:
         yield writer.error(str(error), "invalid_request_error", 422)
         return

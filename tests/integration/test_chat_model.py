@@ -163,14 +163,37 @@ def test_stop_string_spanning_tokens_cuts_the_answer(setup):
     assert cut.response_metadata["finish_reason"] == "stop"
 
 
-def test_generation_error_reaches_the_caller_and_releases_the_count(setup):
+def test_unknown_generation_option_fails_before_anything_is_counted_or_loaded(setup):
+    from langchain_adaptquant import InvalidValueError
+
     llm, _, manager, loader = setup
     broken = llm.model_copy(update={"model_kwargs": {"no_such_generate_argument": 1}})
-    with pytest.raises(ValueError, match="no_such_generate_argument"):
+    with pytest.raises(InvalidValueError, match="no_such_generate_argument.*top_k"):  # names it and what is allowed
         broken.invoke("x")
+    assert manager.tracker.stats().total == 0 and loader.models() == []
+
+
+class Exploding:
+    """A per-request logits processor that fails on its second step."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("processor exploded")
+        return scores
+
+
+def test_generation_error_reaches_the_caller_and_releases_the_count(setup):
+    llm, _, manager, loader = setup
+    with pytest.raises(RuntimeError, match="processor exploded"):
+        llm.invoke("x", logits_processor=Exploding())
     stats = manager.tracker.stats()
     assert stats.active == 0 and stats.errors == 1
     assert loader.models()[0].active_requests == 0
+    assert isinstance(llm.invoke("x").content, str)  # only that request failed: the engine serves on
 
 
 def test_two_chat_models_share_one_loaded_model_by_default(tiny_chat_dir):

@@ -1,0 +1,268 @@
+"""A batched KV cache whose rows (sequences) join and leave between steps.
+
+Every row's tokens start at column 0; shorter rows are padded on the right and the 2D attention
+mask hides the padding. A decode step writes each row's new key and value at that row's own
+length (``position_ids`` are those lengths), so a row's real keys sit at exactly the columns a
+request alone would use. Keys past a row's end are masked out, and masked columns add exact zeros
+to attention, so a sequence's answer does not depend on who shares the batch (where the linear
+kernels are row-invariant too; see ``docs/DYNAMIC_QUANTIZATION.md``).
+
+Buffers keep spare rows and columns: joining copies one row into a free slot, leaving moves the
+last row into the hole, and a step writes one column. Nothing re-concatenates the whole cache per
+token (transformers' ``DynamicLayer`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+#: Columns are allocated in blocks of this many tokens; growth adds a quarter of the length.
+BLOCK = 64
+
+
+def _capacity(tokens: int, block: int = BLOCK) -> int:
+    wanted = tokens + max(block, tokens // 4)
+    return -(-wanted // block) * block
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer's keys and values in ``[row slots, heads, columns, head_dim]`` buffers.
+
+    ``rows`` slots and ``length`` columns are in use. Before a decode step the owner sets
+    ``write_at`` (one column per row); a prefill (one row, several tokens) appends at ``length``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+        self.length = 0
+        self.key_buffer: Optional[torch.Tensor] = None
+        self.value_buffer: Optional[torch.Tensor] = None
+        self.write_at: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (row index, column index)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def reserve(self, rows: int, columns: int, like: torch.Tensor) -> None:
+        """Room for ``rows`` x ``columns``; grows (copying what is in use) only when short."""
+        buffer = self.key_buffer
+        if buffer is not None and rows <= buffer.shape[0] and columns <= buffer.shape[2]:
+            return
+        have_rows = buffer.shape[0] if buffer is not None else 0
+        have_cols = buffer.shape[2] if buffer is not None else 0
+        new_rows = max(rows, have_rows) if rows <= have_rows else max(rows, 2 * have_rows)
+        new_cols = have_cols if columns <= have_cols else _capacity(columns)
+        self.resize(new_rows, new_cols, like)
+
+    def resize(self, rows: int, columns: int, like: torch.Tensor) -> None:
+        heads, dim = like.shape[1], like.shape[-1]
+        keys = like.new_zeros((rows, heads, columns, dim))
+        values = keys.clone()
+        if self.key_buffer is not None and self.rows and self.length:
+            keys[: self.rows, :, : self.length] = self.key_buffer[: self.rows, :, : self.length]
+            values[: self.rows, :, : self.length] = self.value_buffer[: self.rows, :, : self.length]
+        self.key_buffer, self.value_buffer = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.write_at is not None:  # decode: one new column per row, each at its own length
+            rows, columns = self.write_at
+            self.key_buffer[rows, :, columns] = key_states[:, :, 0]
+            self.value_buffer[rows, :, columns] = value_states[:, :, 0]
+            end = self.length + 1
+        else:  # prefill of one sequence: append its tokens
+            self.rows = max(self.rows, key_states.shape[0])
+            end = self.length + key_states.shape[-2]
+            self.reserve(self.rows, end, key_states)
+            self.key_buffer[: self.rows, :, self.length : end] = key_states
+            self.value_buffer[: self.rows, :, self.length : end] = value_states
+        self.length = end
+        self.keys = self.key_buffer[: self.rows, :, :end]
+        self.values = self.value_buffer[: self.rows, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def reset(self) -> None:
+        self.key_buffer = self.value_buffer = self.keys = self.values = None
+        self.rows = self.length = 0
+        self.write_at = None
+        self.is_initialized = False
+
+    @property
+    def nbytes(self) -> int:
+        if self.key_buffer is None:
+            return 0
+        return 2 * self.key_buffer.numel() * self.key_buffer.element_size()
+
+
+def supports_row_batching(config: Any) -> bool:
+    """Whether every layer of this model caches plain full attention (what ``BatchCache`` holds).
+
+    Sliding-window, linear-attention and other hybrid caches keep per-layer state this cache does
+    not model; the engine then runs such a model one sequence at a time with its own cache class.
+    """
+    layers = DynamicCache(config=config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+class BatchCache:
+    """The KV cache, padding mask and lengths of the rows decoding together."""
+
+    def __init__(self, num_layers: int, device: torch.device, batched: bool = True, config: Any = None) -> None:
+        self.batched = batched
+        self.device = device
+        self._num_layers, self._config = num_layers, config
+        self.cache: Cache = self._fresh_cache()
+        self.lengths: list[int] = []  # per row: tokens in the cache = the position id of its next token
+        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
+
+    def _fresh_cache(self) -> Cache:
+        if self.batched:
+            return Cache(layers=[GrowingLayer() for _ in range(self._num_layers)])
+        return DynamicCache(config=self._config)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def length(self) -> int:
+        """Columns in use: the longest row."""
+        return max(self.lengths, default=0)
+
+    @property
+    def layers(self) -> Sequence[GrowingLayer]:
+        return self.cache.layers  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        if not self.batched:
+            return sum(2 * l.keys.numel() * l.keys.element_size() for l in self.cache.layers
+                       if getattr(l, "keys", None) is not None and l.keys.numel())
+        return sum(layer.nbytes for layer in self.layers) + self.mask.numel()
+
+    # -- one sequence, prefilled on its own -----------------------------------------------------
+    def start(self, prompt: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fresh row for ``prompt``: its ids and position ids, to prefill (in chunks if long)."""
+        self.lengths = [0]
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        return ids, torch.arange(len(prompt), device=self.device).unsqueeze(0)
+
+    def prefilled(self, columns: int) -> None:
+        """A prefill forward appended ``columns`` tokens to the one row."""
+        self.lengths[0] += columns
+
+    # -- the decode batch -----------------------------------------------------------------------
+    def add(self, single: "BatchCache") -> None:
+        """Take ``single``'s one prefilled row into the next free slot."""
+        if not self.batched or not self.rows:
+            if self.rows:
+                raise RuntimeError("this model's cache holds one sequence; rows cannot be added")
+            self.cache, self.lengths = single.cache, list(single.lengths)
+            if self.batched:
+                self._reserve_mask(1, self.length + 1)
+                self.mask[0, : self.length] = True
+            single.cache, single.lengths = single._fresh_cache(), []
+            return
+        row, length = self.rows, single.lengths[0]
+        columns = max(self.length, length) + 1
+        for mine, theirs in zip(self.layers, single.layers):
+            mine.reserve(row + 1, columns, theirs.key_buffer)
+            mine.key_buffer[row, :, :length] = theirs.key_buffer[0, :, :length]
+            mine.value_buffer[row, :, :length] = theirs.value_buffer[0, :, :length]
+            mine.key_buffer[row, :, length:] = 0  # a former row's keys: masked, but keep them finite and zero
+            mine.value_buffer[row, :, length:] = 0
+            mine.rows, mine.length = row + 1, max(mine.length, length)
+        self._reserve_mask(row + 1, columns)
+        self.mask[row] = False
+        self.mask[row, :length] = True
+        self.lengths.append(length)
+        single.clear()
+
+    def _reserve_mask(self, rows: int, columns: int) -> None:
+        if rows <= self.mask.shape[0] and columns <= self.mask.shape[1]:
+            return
+        grown = torch.zeros((max(rows, 2 * self.mask.shape[0]), max(_capacity(columns), self.mask.shape[1])),
+                            dtype=torch.bool, device=self.device)
+        grown[: self.mask.shape[0], : self.mask.shape[1]] = self.mask
+        self.mask = grown
+
+    def begin_step(self) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Attention mask and position ids for one decode step; tells each layer where to write."""
+        positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device).unsqueeze(1)
+        if not self.batched:
+            return None, positions
+        rows = torch.arange(self.rows, device=self.device)
+        columns = positions[:, 0]
+        end = self.length + 1
+        for layer in self.layers:
+            layer.reserve(self.rows, end, layer.key_buffer)
+            layer.write_at = (rows, columns)
+        self._reserve_mask(self.rows, end)
+        self.mask[rows, columns] = True
+        return self.mask[: self.rows, :end], positions
+
+    def end_step(self) -> None:
+        """Every row got one more token."""
+        self.lengths = [n + 1 for n in self.lengths]
+        if self.batched:
+            for layer in self.layers:
+                layer.write_at = None
+                layer.length = self.length
+
+    def abort_step(self) -> None:
+        for layer in self.cache.layers:
+            if isinstance(layer, GrowingLayer):
+                layer.write_at = None
+
+    def remove(self, rows: Sequence[int], items: list[Any]) -> None:
+        """Drop ``rows``; the last row moves into each hole, and ``items`` (one per row) moves alike."""
+        for row in sorted(set(rows), reverse=True):
+            last = self.rows - 1
+            if row != last and self.batched:
+                for layer in self.layers:
+                    layer.key_buffer[row, :, : self.lengths[last]] = layer.key_buffer[last, :, : self.lengths[last]]
+                    layer.value_buffer[row, :, : self.lengths[last]] = layer.value_buffer[last, :, : self.lengths[last]]
+                self.mask[row] = self.mask[last]
+            self.lengths[row] = self.lengths[last]
+            items[row] = items[last]
+            self.lengths.pop()
+            items.pop()
+            for layer in self.cache.layers:
+                if isinstance(layer, GrowingLayer):
+                    layer.rows = self.rows
+        if not self.rows:
+            self.clear()
+            return
+        if self.batched:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Give memory back when far fewer rows or columns are in use than allocated."""
+        length, rows = self.length, self.rows
+        for layer in self.layers:
+            layer.length = length
+            buffer = layer.key_buffer
+            if buffer.shape[0] > 2 * rows or buffer.shape[2] > 2 * _capacity(length + 1):
+                layer.resize(rows, _capacity(length + 1), buffer)
+        if self.mask.shape[0] > 2 * rows or self.mask.shape[1] > 2 * _capacity(length + 1):
+            mask = torch.zeros((rows, _capacity(length + 1)), dtype=torch.bool, device=self.device)
+            mask[:, :length] = self.mask[:rows, :length]
+            self.mask = mask
+
+    def clear(self) -> None:
+        for layer in self.cache.layers:
+            layer.reset()
+        self.lengths = []
+        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
