@@ -112,6 +112,7 @@ class _Sequence:
         self.sampler = RowSampler(request, sorted(eos), device)
         self.reserved = layout.bytes_for(len(self.ids) + request.remaining_tokens)
         self.started = time.perf_counter()  # submitted: an answer's seconds include its wait in the queue
+        handle._progress_of = self.progress  # read by a caller only once this request has failed
         self.finish: Optional[str] = None
 
     def ran_at(self, level: str) -> None:
@@ -133,7 +134,7 @@ class _Sequence:
         self.watch.add([token])
         piece = self.watch.emit()
         if piece:
-            self.handle._emit(piece, self.progress())
+            self.handle._emit(piece)
         if self.watch.done:
             self.finish = "stop"
         elif len(self.generated) >= self.request.max_new_tokens:

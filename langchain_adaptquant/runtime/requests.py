@@ -170,8 +170,8 @@ class RequestHandle:
         self._error: Optional[BaseException] = None
         self._cancelled = False
         resume = request.resume
-        self._progress = (Progress(resume.ids, resume.emitted_chars, resume.runs, resume.seconds) if resume
-                          else Progress((), 0, (), 0.0))
+        start = Progress(resume.ids, resume.emitted_chars, resume.runs, resume.seconds) if resume else Progress((), 0, (), 0.0)
+        self._progress_of: Callable[[], Progress] = lambda: start  # the engine points it at the live sequence
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     # -- engine side ----------------------------------------------------------------------------
@@ -183,12 +183,10 @@ class RequestHandle:
                 pass  # that loop is closed: its consumer is gone
         self._cond.notify_all()
 
-    def _emit(self, piece: str, progress: Progress) -> None:
+    def _emit(self, piece: str) -> None:
         with self._cond:
-            self._progress = progress
-            if piece:
-                self._pieces.append(piece)
-                self._notify()
+            self._pieces.append(piece)
+            self._notify()
 
     def _finish(self, result: GenerationResult, tail: str = "") -> None:
         with self._cond:
@@ -217,9 +215,9 @@ class RequestHandle:
         self._wake()
 
     def progress(self) -> Progress:
-        """Tokens produced so far, the text already handed out and the levels used (for a resume)."""
+        """Tokens produced so far, the text already handed out and the levels used (to resume after an error)."""
         with self._cond:
-            return self._progress
+            return self._progress_of()
 
     def _next(self) -> tuple[Optional[str], bool]:
         """(piece, finished) under the lock; raises the engine's error once pieces are drained."""
