@@ -206,8 +206,10 @@ class BatchCache:
         rows = torch.arange(self.rows, device=self.device)
         columns = positions[:, 0]
         end = self.length + 1
+        grow = end > self.layers[0].key_buffer.shape[2]  # every layer has the same shape
         for layer in self.layers:
-            layer.reserve(self.rows, end, layer.key_buffer)
+            if grow:
+                layer.reserve(self.rows, end, layer.key_buffer)
             layer.write_at = (rows, columns)
         self._reserve_mask(self.rows, end)
         self.mask[rows, columns] = True
