@@ -336,8 +336,9 @@ class ChatAdaptQuant(BaseChatModel):
         return ChatGenerationChunk(message=AIMessageChunk(content=piece))
 
     def _chunks(self, messages: list[BaseMessage], options: dict[str, Any],
-                run_manager: Optional[CallbackManagerForLLMRun], tokens: bool) -> Iterator[ChatGenerationChunk]:
-        """Chunks of one answer; ``tokens``: report each to the callbacks (streaming)."""
+                run_manager: Optional[CallbackManagerForLLMRun], stream: bool) -> Iterator[ChatGenerationChunk]:
+        """One answer: a chunk per text piece when ``stream`` (also sent to the callbacks), then a final
+        chunk with usage and metadata (and the whole text when it was not streamed)."""
         chat_format.to_chat_dicts(messages)  # bad messages fail before anything is counted or loaded
         tracker = self._loader().manager.tracker
         with tracker.track():
@@ -347,24 +348,25 @@ class ChatAdaptQuant(BaseChatModel):
                 _dispatch_sync(run_manager, answer.take_new_switches())
                 while True:
                     try:
-                        for piece in answer.handle:
-                            chunk = self._chunk(options, piece)
-                            if chunk is not None:
-                                if tokens and run_manager:
-                                    run_manager.on_llm_new_token(piece, chunk=chunk)
-                                yield chunk
+                        if stream:
+                            for piece in answer.handle:
+                                chunk = self._chunk(options, piece)
+                                if chunk is not None:
+                                    if run_manager:
+                                        run_manager.on_llm_new_token(piece, chunk=chunk)
+                                    yield chunk
+                        result = answer.handle.result()  # the engine's error, if any, is raised here
                         break
                     except (MemoryError, torch.OutOfMemoryError) as error:
                         if not answer.retry(error):
                             raise
                         _dispatch_sync(run_manager, answer.take_new_switches())
-                result = answer.handle.result(timeout=0)
             finally:
                 answer.close()  # a consumer that stopped early (or an error) ends the request
-        yield self._final_chunk(answer.loaded, options, answer.prefill, result, answer.call)
+        yield self._final_chunk(answer.loaded, options, answer.prefill, result, answer.call, streamed=stream)
 
     async def _achunks(self, messages: list[BaseMessage], options: dict[str, Any],
-                       run_manager: Optional[AsyncCallbackManagerForLLMRun], tokens: bool
+                       run_manager: Optional[AsyncCallbackManagerForLLMRun], stream: bool
                        ) -> AsyncIterator[ChatGenerationChunk]:
         """The async twin of :meth:`_chunks`: waits on the engine without a thread per request."""
         chat_format.to_chat_dicts(messages)
@@ -376,21 +378,21 @@ class ChatAdaptQuant(BaseChatModel):
                 await _dispatch_async(run_manager, answer.take_new_switches())
                 while True:
                     try:
-                        async for piece in answer.handle:
-                            chunk = self._chunk(options, piece)
+                        async for piece in answer.handle:  # without ``stream`` only to wait for the end
+                            chunk = self._chunk(options, piece) if stream else None
                             if chunk is not None:
-                                if tokens and run_manager:
+                                if run_manager:
                                     await run_manager.on_llm_new_token(piece, chunk=chunk)
                                 yield chunk
+                        result = answer.handle.result(timeout=0)
                         break
                     except (MemoryError, torch.OutOfMemoryError) as error:
                         if not await asyncio.to_thread(answer.retry, error):
                             raise
                         await _dispatch_async(run_manager, answer.take_new_switches())
-                result = answer.handle.result(timeout=0)
             finally:
                 answer.close()  # a cancelled task or an early stop ends the request at the next step
-        yield self._final_chunk(answer.loaded, options, answer.prefill, result, answer.call)
+        yield self._final_chunk(answer.loaded, options, answer.prefill, result, answer.call, streamed=stream)
 
     @staticmethod
     def _merged(chunks: list[ChatGenerationChunk]) -> ChatResult:
@@ -414,7 +416,7 @@ class ChatAdaptQuant(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         options = self._call_options(stop, kwargs)
-        return self._merged(list(self._chunks(messages, options, run_manager, tokens=self.streaming)))
+        return self._merged(list(self._chunks(messages, options, run_manager, stream=self.streaming)))
 
     def _stream(
         self,
@@ -424,7 +426,7 @@ class ChatAdaptQuant(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         options = self._call_options(stop, kwargs)
-        yield from self._chunks(messages, options, run_manager, tokens=True)
+        yield from self._chunks(messages, options, run_manager, stream=True)
 
     async def _agenerate(
         self,
@@ -434,7 +436,7 @@ class ChatAdaptQuant(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         options = self._call_options(stop, kwargs)
-        chunks = [chunk async for chunk in self._achunks(messages, options, run_manager, tokens=self.streaming)]
+        chunks = [chunk async for chunk in self._achunks(messages, options, run_manager, stream=self.streaming)]
         return self._merged(chunks)
 
     async def _astream(
@@ -445,13 +447,13 @@ class ChatAdaptQuant(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         options = self._call_options(stop, kwargs)
-        async for chunk in self._achunks(messages, options, run_manager, tokens=True):
+        async for chunk in self._achunks(messages, options, run_manager, stream=True):
             yield chunk
 
     def _final_chunk(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
-                     result: GenerationResult, call: "_CallRecord") -> ChatGenerationChunk:
+                     result: GenerationResult, call: "_CallRecord", streamed: bool = True) -> ChatGenerationChunk:
         content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
-        buffered = bool(options["tools"] or options["response_format"])
+        buffered = bool(options["tools"] or options["response_format"]) or not streamed
         chunks = [
             tool_call_chunk(name=c["name"], args=_json_dumps(c["args"]), id=c["id"], index=i) for i, c in enumerate(calls)
         ]

@@ -321,8 +321,9 @@ class GenerationEngine:
             self._drop_finished()
 
     def _release(self, sequence: _Sequence) -> None:
-        self._reserved -= sequence.reserved
-        sequence.reserved = 0
+        with self._cond:  # submit() adds to the same counter from callers' threads
+            self._reserved -= sequence.reserved
+            sequence.reserved = 0
 
     def _complete(self, sequence: _Sequence) -> None:
         if sequence.handle.done:
