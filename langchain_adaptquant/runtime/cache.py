@@ -41,7 +41,8 @@ class GrowingLayer(DynamicLayer):
         self.length = 0
         self.key_buffer: Optional[torch.Tensor] = None
         self.value_buffer: Optional[torch.Tensor] = None
-        self.write_at: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (row index, column index)
+        # (row index, column index) tensors, or (None, column) for a single row
+        self.write_at: Optional[tuple[Optional[torch.Tensor], Any]] = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -73,8 +74,12 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self.write_at is not None:  # decode: one new column per row, each at its own length
             rows, columns = self.write_at
-            self.key_buffer[rows, :, columns] = key_states[:, :, 0]
-            self.value_buffer[rows, :, columns] = value_states[:, :, 0]
+            if isinstance(columns, int):  # one row: a plain slice is cheaper than an indexed write
+                self.key_buffer[:1, :, columns : columns + 1] = key_states
+                self.value_buffer[:1, :, columns : columns + 1] = value_states
+            else:
+                self.key_buffer[rows, :, columns] = key_states[:, :, 0]
+                self.value_buffer[rows, :, columns] = value_states[:, :, 0]
             end = self.length + 1
         else:  # prefill of one sequence: append its tokens
             self.rows = max(self.rows, key_states.shape[0])
@@ -203,16 +208,22 @@ class BatchCache:
         positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device).unsqueeze(1)
         if not self.batched:
             return None, positions
-        rows = torch.arange(self.rows, device=self.device)
-        columns = positions[:, 0]
         end = self.length + 1
+        if self.rows == 1:
+            rows, columns, write_at = None, self.lengths[0], (None, self.lengths[0])
+        else:
+            rows, columns = torch.arange(self.rows, device=self.device), positions[:, 0]
+            write_at = (rows, columns)
         grow = end > self.layers[0].key_buffer.shape[2]  # every layer has the same shape
         for layer in self.layers:
             if grow:
                 layer.reserve(self.rows, end, layer.key_buffer)
-            layer.write_at = (rows, columns)
+            layer.write_at = write_at
         self._reserve_mask(self.rows, end)
-        self.mask[rows, columns] = True
+        if rows is None:
+            self.mask[0, columns] = True
+        else:
+            self.mask[rows, columns] = True
         return self.mask[: self.rows, :end], positions
 
     def end_step(self) -> None:

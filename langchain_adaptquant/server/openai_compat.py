@@ -121,6 +121,7 @@ def extension(meta: dict[str, Any]) -> dict[str, Any]:
         "generation_seconds": meta.get("generation_seconds"),
         "finish_reason": meta.get("finish_reason"),
         "switched_during_generation": bool(meta.get("switched_during_generation")),
+        "levels_used": list(meta.get("levels_used") or []),  # the levels this answer's tokens came from
         "memory_used_percent": memory.get("used_percent"),
         "model_size_mb": meta.get("model_size_mb"),
     }

@@ -202,3 +202,33 @@ def test_kv_bytes_are_counted_while_sequences_run(loaded):
             handle.result(60)
     finally:
         engine.close()
+
+
+def test_a_model_with_sliding_window_layers_runs_one_sequence_per_step(tiny_chat_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_chat_dir / name).exists():
+            shutil.copy(tiny_chat_dir / name, tmp_path / name)
+    loader = AdaptiveModelLoader(manager=DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=10),
+                                                                    snapshot_ttl_s=0), show_progress=False)
+    model = loader.load_model(str(tmp_path), force_quantization="fp16")
+    engine = new_engine(model)
+    prompts = [prompt_ids(model.tokenizer, text) for text in TEXTS[:3]]
+    settings = generation.GenerationSettings(max_new_tokens=20)  # longer than the window: sliding layers crop
+    try:
+        expected = [generation.generate(model.model, model.tokenizer, torch.tensor([p]), settings).text for p in prompts]
+        results = [h.result(60) for h in [engine.submit(GenerationRequest(p, 20)) for p in prompts]]
+    finally:
+        engine.close()
+        loader.clear()
+    assert not engine.row_batching and engine.max_batch_seen == 1
+    assert [r.text for r in results] == expected
