@@ -228,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--overhead-runs", type=int, default=3)
     parser.add_argument("--switch-to", default="int8", help="level of the switch under a full batch ('' skips)")
     parser.add_argument("--also-padded", action="store_true",
-                        help="also measure the engine with one masked attention per layer (exact_attention=False)")
+                        help="also measure the engine with one masked attention call per layer (attention='padded')")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -253,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     exact = loader.engine(loaded)
     padded = GenerationEngine(loaded.model, tokenizer, gate=loaded.gate, level_of=lambda: loaded.level.value,
-                              config=replace(exact.config, exact_attention=False), name="padded") if args.also_padded else None
+                              config=replace(exact.config, attention="padded"), name="padded") if args.also_padded else None
 
     def engine_padded(prompt: str) -> tuple[int, str]:
         loaded.engine = padded  # the chat model asks the loader for the model's engine: this one, for now

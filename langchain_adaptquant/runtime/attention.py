@@ -1,17 +1,27 @@
-"""Row-exact attention for batched decode steps.
+"""Batch-invariant attention for batched decode steps.
 
-A batched decode step over rows of different lengths normally attends over padded keys with a
-mask. On CPU that is not bit-identical to attending over the row's own keys (measured with
-torch 2.13's SDPA: a few padding lengths change the result in the last bit), so a sequence's
-greedy answer could depend on who shares its batch. The engine therefore registers an attention
-function with transformers' ``AttentionInterface`` that, when the step passes ``row_lengths``,
-runs SDPA once per row on exactly that row's keys, the call a request alone would make; without
-``row_lengths`` (prefill, any other caller of the model) it is plain SDPA. The projections, the
-MLP and the output head, where the bytes and the time are, stay batched.
+A batched decode step over rows of different lengths normally attends over keys padded to the
+longest row, with a mask. On CPU that is not bit-identical to attending over fewer keys (torch
+2.13's SDPA: the kernel blocks the key axis by the call's length, so padding changes the
+summation order), and a sequence's greedy answer could then depend on who shares its batch.
+
+The engine registers an attention function with transformers' ``AttentionInterface`` that, when
+a decode step passes ``row_groups``, makes each row's computation depend on that row alone:
+
+* ``"bucket"`` (default): each row attends over its keys padded to the next multiple of
+  ``BUCKET`` tokens, masked. Rows in the same bucket share one SDPA call, so a step makes one call
+  per distinct bucket (usually one to three), not one per row. A request alone is padded the same
+  way, so its answer is the same alone and in any batch.
+* ``"row"``: one SDPA call per row over exactly its keys, the call ``model.generate`` makes: the
+  answers equal ``generate``'s too, at the price of one call per row per layer.
+
+Without ``row_groups`` (prefill, any other caller of the model) it is plain SDPA. Projections,
+MLP and the output head, where the bytes and the time are, stay batched either way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -20,20 +30,57 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 NAME = "adaptquant_rows"
+#: Key-length granularity of the "bucket" mode (the cache allocates columns in the same blocks).
+BUCKET = 64
+MODES = ("bucket", "row", "padded")
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows that attend over the same number of key columns in one call."""
+
+    columns: int
+    rows: Optional[torch.Tensor]  # None: every row of the step
+    mask: Optional[torch.Tensor]  # [rows of the step, 1, 1, columns] bool, None: no padding (row mode)
+
+
+def row_groups(lengths: Sequence[int], mode: str, device: torch.device) -> list[RowGroup]:
+    """How one decode step's attention is split; ``lengths`` are the rows' key counts (new token included)."""
+    if mode == "row":
+        return [RowGroup(n, torch.tensor([row], device=device), None) for row, n in enumerate(lengths)]
+    buckets = [-(-n // BUCKET) * BUCKET for n in lengths]
+    wanted = torch.tensor(lengths, device=device)
+    groups = []
+    for columns in sorted(set(buckets)):
+        mask = (torch.arange(columns, device=device)[None, :] < wanted[:, None])[:, None, None, :]
+        members = [row for row, bucket in enumerate(buckets) if bucket == columns]
+        rows = None if len(members) == len(lengths) else torch.tensor(members, device=device)
+        groups.append(RowGroup(columns, rows, mask))
+    return groups
 
 
 def row_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Optional[torch.Tensor], row_lengths: Optional[Sequence[int]] = None,
+                  attention_mask: Optional[torch.Tensor], row_groups: Optional[Sequence[RowGroup]] = None,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """SDPA; with ``row_lengths`` (one query per row), SDPA per row over its first ``n`` keys."""
-    if row_lengths is None:
+    """SDPA; with ``row_groups`` (one query per row), SDPA per group, each row over its own columns."""
+    if row_groups is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [
-        sdpa_attention_forward(module, query[row : row + 1], key[row : row + 1, :, :n], value[row : row + 1, :, :n],
-                               None, **kwargs)[0]
-        for row, n in enumerate(row_lengths)
-    ]
-    return torch.cat(outputs, dim=0), None
+    out: Optional[torch.Tensor] = None
+    for group in row_groups:
+        if group.mask is None:  # one row, exactly its keys
+            rows = group.rows
+            part = sdpa_attention_forward(module, query[rows], key[rows, :, : group.columns],
+                                          value[rows, :, : group.columns], None, **kwargs)[0]
+        else:  # every row over the group's columns (rows outside the group are computed and dropped)
+            part = sdpa_attention_forward(module, query, key[:, :, : group.columns], value[:, :, : group.columns],
+                                          group.mask, **kwargs)[0]
+            if group.rows is None:
+                return part, None
+            part = part[group.rows]
+        if out is None:
+            out = part.new_empty((query.shape[0],) + tuple(part.shape[1:]))
+        out[group.rows] = part
+    return out, None
 
 
 AttentionInterface.register(NAME, row_attention)

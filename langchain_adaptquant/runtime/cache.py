@@ -35,10 +35,11 @@ class GrowingLayer(DynamicLayer):
     ``write_at`` (one column per row); a prefill (one row, several tokens) appends at ``length``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, round_keys: int = 1) -> None:
         super().__init__()
         self.rows = 0
         self.length = 0
+        self.round_keys = round_keys  # decode steps see keys up to the next multiple of this (padding, masked)
         self.key_buffer: Optional[torch.Tensor] = None
         self.value_buffer: Optional[torch.Tensor] = None
         # (row index, column index) tensors, or (None, column) for a single row
@@ -80,13 +81,17 @@ class GrowingLayer(DynamicLayer):
             else:
                 self.key_buffer[rows, :, columns] = key_states[:, :, 0]
                 self.value_buffer[rows, :, columns] = value_states[:, :, 0]
-            end = self.length + 1
-        else:  # prefill of one sequence: append its tokens
-            self.rows = max(self.rows, key_states.shape[0])
-            end = self.length + key_states.shape[-2]
-            self.reserve(self.rows, end, key_states)
-            self.key_buffer[: self.rows, :, self.length : end] = key_states
-            self.value_buffer[: self.rows, :, self.length : end] = value_states
+            self.length += 1
+            shown = min(-(-self.length // self.round_keys) * self.round_keys, self.key_buffer.shape[2])
+            self.keys = self.key_buffer[: self.rows, :, :shown]
+            self.values = self.value_buffer[: self.rows, :, :shown]
+            return self.keys, self.values
+        # prefill of one sequence: append its tokens
+        self.rows = max(self.rows, key_states.shape[0])
+        end = self.length + key_states.shape[-2]
+        self.reserve(self.rows, end, key_states)
+        self.key_buffer[: self.rows, :, self.length : end] = key_states
+        self.value_buffer[: self.rows, :, self.length : end] = value_states
         self.length = end
         self.keys = self.key_buffer[: self.rows, :, :end]
         self.values = self.value_buffer[: self.rows, :, :end]
@@ -124,17 +129,18 @@ def supports_row_batching(config: Any) -> bool:
 class BatchCache:
     """The KV cache, padding mask and lengths of the rows decoding together."""
 
-    def __init__(self, num_layers: int, device: torch.device, batched: bool = True, config: Any = None) -> None:
+    def __init__(self, num_layers: int, device: torch.device, batched: bool = True, config: Any = None,
+                 round_keys: int = 1) -> None:
         self.batched = batched
         self.device = device
-        self._num_layers, self._config = num_layers, config
+        self._num_layers, self._config, self._round_keys = num_layers, config, round_keys
         self.cache: Cache = self._fresh_cache()
         self.lengths: list[int] = []  # per row: tokens in the cache = the position id of its next token
         self.mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
 
     def _fresh_cache(self) -> Cache:
         if self.batched:
-            return Cache(layers=[GrowingLayer() for _ in range(self._num_layers)])
+            return Cache(layers=[GrowingLayer(self._round_keys) for _ in range(self._num_layers)])
         return DynamicCache(config=self._config)
 
     @property

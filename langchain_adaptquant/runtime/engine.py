@@ -25,7 +25,7 @@ import torch
 
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
 from langchain_adaptquant.generation import GenerationResult, TextWatch, eos_ids
-from langchain_adaptquant.runtime.attention import use_row_attention
+from langchain_adaptquant.runtime.attention import BUCKET, MODES, row_groups, use_row_attention
 from langchain_adaptquant.runtime.cache import BatchCache, supports_row_batching
 from langchain_adaptquant.runtime.gate import StepGate
 from langchain_adaptquant.runtime.kv import KVLayout, kv_layout
@@ -52,9 +52,10 @@ class EngineConfig:
     prefill_tokens: int = 512  # prompt tokens per prefill forward (longer prompts go in chunks)
     threads: Optional[int] = None  # torch threads, set once by the worker; None keeps torch's choice
     boundary_every_s: float = 0.1  # how often the between-steps hook (the policy's check) may run
-    #: Attention per row on its own keys in decode steps (answers independent of batch company);
-    #: False: one masked attention over the padded batch (a little faster, last-bit differences).
-    exact_attention: bool = True
+    #: Decode-step attention (runtime/attention.py): "bucket" (default) and "row" make an answer
+    #: independent of its batch company ("row" also equals model.generate, one call per row);
+    #: "padded" is one masked call over the padded batch (answers can differ in near-ties).
+    attention: str = "bucket"
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_waiting", "prefill_tokens"):
@@ -64,6 +65,8 @@ class EngineConfig:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise InvalidValueError("threads", self.threads, "None or an integer >= 1")
+        if self.attention not in MODES:
+            raise InvalidValueError("attention", self.attention, " or ".join(repr(m) for m in MODES))
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ class GenerationEngine:
         # rows batch when the cache is plain full attention; attention is then computed per row
         # (bit-identical to a request alone) with SDPA, or over padded rows with a mask otherwise
         self.row_batching = supports_row_batching(model.config)
-        self.exact_rows = self.row_batching and config.exact_attention and use_row_attention(model)
+        self.exact_rows = self.row_batching and config.attention != "padded" and use_row_attention(model)
         impl = getattr(model.config, "_attn_implementation", None)
         self.max_batch = config.max_batch if self.row_batching else 1
         self._cond = threading.Condition()
@@ -261,7 +264,9 @@ class GenerationEngine:
             self._cond.notify_all()
 
     def _new_cache(self) -> BatchCache:
-        return BatchCache(self.layout.layers if self.row_batching else 0, self.device, self.row_batching, self.model.config)
+        round_keys = BUCKET if self.exact_rows and self.config.attention == "bucket" else 1
+        return BatchCache(self.layout.layers if self.row_batching else 0, self.device, self.row_batching,
+                          self.model.config, round_keys=round_keys)
 
     def _run(self) -> None:
         if self.config.threads is not None:
@@ -360,9 +365,9 @@ class GenerationEngine:
                  sequences: Sequence[_Sequence]) -> torch.Tensor:
         """One forward under the gate; returns the last position's logits ``[rows, vocab]``."""
         extra: dict[str, Any] = {}
-        if mask is not None and self.exact_rows:
-            extra["row_lengths"] = [n + 1 for n in cache.lengths]  # each row's keys, its new one included
-            mask = None  # not needed: each row attends to exactly its own keys
+        if mask is not None and self.exact_rows:  # each row's keys, its new one included
+            extra["row_groups"] = row_groups([n + 1 for n in cache.lengths], self.config.attention, self.device)
+            mask = None  # the groups carry their own masks
         with self.gate.step():
             level = self.level_of()
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.cache,
