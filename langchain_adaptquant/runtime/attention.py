@@ -15,8 +15,11 @@ a decode step passes ``row_groups``, makes each row's computation depend on that
 * ``"row"``: one SDPA call per row over exactly its keys, the call ``model.generate`` makes: the
   answers equal ``generate``'s too, at the price of one call per row per layer.
 
-Without ``row_groups`` (prefill, any other caller of the model) it is plain SDPA. Projections,
-MLP and the output head, where the bytes and the time are, stay batched either way.
+Prompts are prefilled packed: several fresh prompts side by side in one row, so projections and
+MLP run over all their tokens at once, while ``prompts`` makes attention causal per prompt over
+exactly its own tokens (one call each), as if it were alone. Without ``row_groups`` or
+``prompts`` (any other caller of the model) it is plain SDPA. Projections, MLP and the output
+head, where the bytes and the time are, stay batched either way.
 """
 
 from __future__ import annotations
@@ -61,8 +64,15 @@ def row_groups(lengths: Sequence[int], mode: str, device: torch.device) -> list[
 
 def row_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Optional[torch.Tensor], row_groups: Optional[Sequence[RowGroup]] = None,
-                  **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """SDPA; with ``row_groups`` (one query per row), SDPA per group, each row over its own columns."""
+                  prompts: Optional[Sequence[tuple[int, int]]] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA. With ``row_groups`` (a decode step, one query per row): per group, each row over its own
+    columns. With ``prompts`` (a packed prefill, fresh prompts side by side in one row, as
+    ``(start, length)``): causal SDPA per prompt over exactly its tokens, the call a prompt alone gets."""
+    if prompts is not None:
+        parts = [sdpa_attention_forward(module, query[:, :, start : start + n], key[:, :, start : start + n],
+                                        value[:, :, start : start + n], None, **kwargs)[0]
+                 for start, n in prompts]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), None
     if row_groups is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     out: Optional[torch.Tensor] = None

@@ -116,6 +116,23 @@ class GrowingLayer(DynamicLayer):
         return 2 * self.key_buffer.numel() * self.key_buffer.element_size()
 
 
+class PackedLayer(DynamicLayer):
+    """Keys and values of one packed prefill: several fresh prompts side by side in one row."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.is_initialized = True
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0  # every prompt in it starts fresh; its tokens go to batch rows afterwards
+
+
+def packed_cache(num_layers: int) -> Cache:
+    return Cache(layers=[PackedLayer() for _ in range(num_layers)])
+
+
 def supports_row_batching(config: Any) -> bool:
     """Whether every layer of this model caches plain full attention (what ``BatchCache`` holds).
 
@@ -186,12 +203,27 @@ class BatchCache:
                 self.mask[0, : self.length] = True
             single.cache, single.lengths = single._fresh_cache(), []
             return
-        row, length = self.rows, single.lengths[0]
+        length = single.lengths[0]
+        self._add_row([(layer.key_buffer[0, :, :length], layer.value_buffer[0, :, :length]) for layer in single.layers])
+        single.clear()
+
+    def add_packed(self, packed: Cache, start: int, length: int) -> None:
+        """Take one prompt of a packed prefill (tokens ``start`` to ``start + length``) as a new row."""
+        self._add_row([(layer.keys[0, :, start : start + length], layer.values[0, :, start : start + length])
+                       for layer in packed.layers])
+
+    def _add_row(self, per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A new row holding these keys and values (``[heads, tokens, head_dim]`` per layer)."""
+        if not self.batched:
+            raise RuntimeError("this model's cache holds one sequence; rows cannot be added")
+        row, length = self.rows, per_layer[0][0].shape[1]
         columns = max(self.length, length) + 1
-        for mine, theirs in zip(self.layers, single.layers):
-            mine.reserve(row + 1, columns, theirs.key_buffer)
-            mine.key_buffer[row, :, :length] = theirs.key_buffer[0, :, :length]
-            mine.value_buffer[row, :, :length] = theirs.value_buffer[0, :, :length]
+        for mine, (keys, values) in zip(self.layers, per_layer):
+            if not mine.is_initialized:
+                mine.lazy_initialization(keys, values)
+            mine.reserve(row + 1, columns, keys.unsqueeze(0) if mine.key_buffer is None else mine.key_buffer)
+            mine.key_buffer[row, :, :length] = keys
+            mine.value_buffer[row, :, :length] = values
             mine.key_buffer[row, :, length:] = 0  # a former row's keys: masked, but keep them finite and zero
             mine.value_buffer[row, :, length:] = 0
             mine.rows, mine.length = row + 1, max(mine.length, length)
@@ -199,7 +231,6 @@ class BatchCache:
         self.mask[row] = False
         self.mask[row, :length] = True
         self.lengths.append(length)
-        single.clear()
 
     def _reserve_mask(self, rows: int, columns: int) -> None:
         if rows <= self.mask.shape[0] and columns <= self.mask.shape[1]:

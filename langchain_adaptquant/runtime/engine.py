@@ -26,7 +26,7 @@ import torch
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
 from langchain_adaptquant.generation import GenerationResult, TextWatch, eos_ids
 from langchain_adaptquant.runtime.attention import BUCKET, MODES, row_groups, use_row_attention
-from langchain_adaptquant.runtime.cache import BatchCache, supports_row_batching
+from langchain_adaptquant.runtime.cache import BatchCache, packed_cache, supports_row_batching
 from langchain_adaptquant.runtime.gate import StepGate
 from langchain_adaptquant.runtime.kv import KVLayout, kv_layout
 from langchain_adaptquant.runtime.requests import GenerationRequest, Progress, RequestHandle
@@ -196,7 +196,9 @@ class GenerationEngine:
         # rows batch when the cache is plain full attention; attention is then computed per row
         # (bit-identical to a request alone) with SDPA, or over padded rows with a mask otherwise
         self.row_batching = supports_row_batching(model.config)
-        self.exact_rows = self.row_batching and config.attention != "padded" and use_row_attention(model)
+        # our attention function (runtime/attention.py): packed prefills, row-exact decode steps
+        self.packing = self.row_batching and use_row_attention(model)
+        self.exact_rows = self.packing and config.attention != "padded"
         impl = getattr(model.config, "_attn_implementation", None)
         self.max_batch = config.max_batch if self.row_batching else 1
         self._cond = threading.Condition()
@@ -361,32 +363,76 @@ class GenerationEngine:
         self._batch.clear()
         self._resident = 0
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor], cache: BatchCache,
-                 sequences: Sequence[_Sequence]) -> torch.Tensor:
-        """One forward under the gate; returns the last position's logits ``[rows, vocab]``."""
-        extra: dict[str, Any] = {}
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor], cache: Any,
+                 sequences: Sequence[_Sequence], keep: Any = 1, **extra: Any) -> torch.Tensor:
+        """One forward under the gate; returns the logits of the kept positions ``[rows, vocab]``."""
         if mask is not None and self.exact_rows:  # each row's keys, its new one included
             extra["row_groups"] = row_groups([n + 1 for n in cache.lengths], self.config.attention, self.device)
             mask = None  # the groups carry their own masks
         with self.gate.step():
             level = self.level_of()
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.cache,
-                             use_cache=True, logits_to_keep=1, **extra)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             cache=cache.cache if isinstance(cache, BatchCache) else cache, use_cache=True,
+                             logits_to_keep=keep, **extra)
         self.steps += 1
         for sequence in sequences:
             sequence.ran_at(level)
-        return out.logits[:, -1, :]
+        return out.logits[0] if isinstance(keep, torch.Tensor) else out.logits[:, -1, :]
+
+    def _take_group(self, budget: int) -> list[_Sequence]:
+        """Waiting prompts for one packed prefill: whole prompts, up to ``budget`` tokens (at least one)."""
+        group: list[_Sequence] = []
+        tokens = 0
+        with self._cond:
+            while self._waiting and len(self._active) + len(group) < self.max_batch:
+                n = len(self._waiting[0].ids)
+                if n > self.config.prefill_tokens or (group and tokens + n > budget):
+                    break  # a long prompt goes alone, in chunks
+                group.append(self._waiting.popleft())
+                tokens += n
+        return group
+
+    def _prefill_packed(self, group: list[_Sequence]) -> None:
+        """Several fresh prompts side by side in one forward; attention stays per prompt (row_attention)."""
+        prompts, start = [], 0
+        for sequence in group:
+            prompts.append((start, len(sequence.ids)))
+            start += len(sequence.ids)
+        ids = torch.tensor([[t for s in group for t in s.ids]], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[i for s in group for i in range(len(s.ids))]], dtype=torch.long, device=self.device)
+        keep = torch.tensor([first + n - 1 for first, n in prompts], device=self.device)
+        cache = packed_cache(self.layout.layers)
+        try:
+            logits = self._forward(ids, positions, None, cache, group, keep=keep, prompts=prompts)
+        except Exception as error:  # noqa: BLE001 - these requests fail; the others go on
+            self._fail(group, error)
+            return
+        self._take_tokens(group, logits)
+        for sequence, (first, n) in zip(group, prompts):
+            if sequence.finish is None and not sequence.handle.done:
+                self._batch.add_packed(cache, first, n)
+                self._active.append(sequence)
+            else:
+                self._complete(sequence)
+        self.max_batch_seen = max(self.max_batch_seen, len(self._active))
+        self._resident = self._batch.nbytes
 
     def _admit(self) -> None:
         """Prefill waiting sequences into the batch, up to ``prefill_tokens`` prompt tokens this round.
 
-        Each prompt is prefilled on its own, in chunks of ``prefill_tokens`` at fixed offsets, so
-        its cache and first token are exactly what a request alone would get: quantized kernels
-        are not all invariant to the number of rows (quanto's are not at large ones), and a padded
-        multi-prompt prefill would make answers depend on who arrived together.
+        Prompts up to ``prefill_tokens`` long are packed side by side into one forward (attention
+        per prompt, so each prompt's keys are what it would get alone); a longer prompt goes alone,
+        in chunks of ``prefill_tokens`` at fixed offsets, so a long prompt delays the others' next
+        token by one chunk at most.
         """
         budget = self.config.prefill_tokens
         while budget > 0 and not self.gate.switch_pending:
+            if self._prefill is None and self.packing:
+                group = self._take_group(budget)
+                if group:
+                    budget -= sum(len(s.ids) for s in group)
+                    self._prefill_packed(group)
+                    continue
             if self._prefill is None:
                 with self._cond:
                     if not self._waiting or len(self._active) >= self.max_batch:

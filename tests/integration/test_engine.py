@@ -195,8 +195,12 @@ def test_kv_bytes_are_counted_while_sequences_run(loaded):
         return scores
 
     try:
-        handles = [engine.submit(GenerationRequest(p, 64, logits_processor=mark)) for _ in range(3)]
+        handles = [engine.submit(GenerationRequest(p, 64, sampling=Sampling(min_new_tokens=64), logits_processor=mark))
+                   for _ in range(3)]
         assert started.wait(30)
+        deadline = time.monotonic() + 30
+        while engine.stats().active < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)  # all three prefilled into the batch
         usage = engine.kv_usage()
         assert usage.reserved_bytes >= 3 * layout.bytes_for(len(p) + 64)  # prompt + longest answer, each
         assert 0 < usage.resident_bytes <= usage.reserved_bytes

@@ -14,8 +14,9 @@ from langchain_adaptquant.chat_model import REQUANTIZE_EVENT
 from langchain_adaptquant.loader import AdaptiveModelLoader
 from langchain_adaptquant.runtime import GenerationRequest
 
-# memory-forced switches at once, load-only ones never (so only the scripted memory moves the level)
-MEMORY_ONLY = PolicyConfig(upgrade_cooldown_s=0.3, load_downgrade_delay_s=3600)
+# memory-forced downgrades at once; load-only downgrades and upgrades never (so only the scripted
+# memory, a retry or the test itself moves the level)
+MEMORY_ONLY = PolicyConfig(upgrade_cooldown_s=3600, load_downgrade_delay_s=3600)
 PROMPTS = [f"question {i}" for i in range(8)]
 
 
