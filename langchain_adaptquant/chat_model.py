@@ -32,11 +32,11 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from langchain_adaptquant import chat_format, generation
-from langchain_adaptquant.assets import reference_model_path
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
 from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.pretrained.store import default_chat_model
 
 REQUANTIZE_EVENT = "adaptquant.requantize"
 
@@ -69,8 +69,10 @@ class ChatAdaptQuant(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), populate_by_name=True)
 
-    model: str = Field(default_factory=lambda: str(reference_model_path()))
-    """Local model folder or a hub id already in the local cache. Default: the embedded reference model."""
+    model: str = Field(default_factory=lambda: str(default_chat_model()))
+    """A local model folder, a pulled catalog name (``"smollm2-135m"``: ``adaptquant models pull``) or a hub
+    id already in the local cache. Default: SmolLM2-135M-Instruct when it has been pulled, else the
+    embedded 8.9M reference model (a test fixture that answers like a docstring)."""
     task_priority: TaskPriority = TaskPriority.BALANCED
     """quality keeps precision longer under load; speed gives it up sooner. Per call: ``task_priority=``."""
     force_quantization: Optional[QuantizationLevel] = None
@@ -274,6 +276,7 @@ class ChatAdaptQuant(BaseChatModel):
             "model_provider": "adaptquant",
             "quantization_level": (call.level or loaded.level).value,
             "precision": (call.level or loaded.level).precision(loaded.device),
+            "source_format": loaded.source_format,
             "backend": loaded.backend,
             "backends": loaded.backend_summary(),
             "memory": snapshot.to_dict(),

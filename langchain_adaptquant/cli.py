@@ -115,14 +115,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _model_path(value: Optional[str]) -> str:
-    from langchain_adaptquant.assets import reference_model_path
+    """The model a command serves: as given (a folder or a catalog name), else the real chat model when
+    pulled (`adaptquant models pull smollm2-135m`), else the embedded reference model."""
+    from langchain_adaptquant.pretrained import default_chat_model
 
-    return value or str(reference_model_path())
+    return value or str(default_chat_model())
 
 
 def cmd_live_demo(args: argparse.Namespace) -> int:
     """The seed's timeline against a real model: real generation, real switches, a live table."""
-    from langchain_adaptquant.demo import progress_line, render, run_demo, switch_lines
+    from langchain_adaptquant.demo import progress_line, render, run_demo, switch_lines, transcript_lines
 
     try:
         from rich.console import Console
@@ -151,6 +153,9 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
         result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=line)
         if console is not None:
             console.print(render(rows, title))
+    print("answers (the first of each step, whole):", flush=True)
+    for text in transcript_lines(rows):
+        print(f"  {text}")
     print("switches (measured):", flush=True)
     for text in switch_lines(result.switches) or ["none"]:
         print(f"  {text}")
@@ -266,6 +271,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_HELP = ("model folder or pulled catalog name, e.g. smollm2-135m (default: smollm2-135m when pulled, "
+               "else the embedded reference model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptquant", description="Adaptive quantization for local LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="the seed's re-optimization timeline, live on a real model (--replay: engine only)")
-    demo.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.add_argument("--priority", type=_priority, default="balanced")
-    demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=16, help="tokens per demo answer")
+    demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=24, help="tokens per demo answer")
     demo.add_argument("--replay", action="store_true", help="replay the timeline through the decision engine only")
     demo.add_argument("--params", type=_params, default=7.0, help="--replay: model size in billions")
     demo.add_argument("--total-gb", type=_budget, default=None,
@@ -294,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="REST API, OpenAI-compatible chat and dashboard for one model")
-    serve.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    serve.add_argument("--model", default=None, help=_MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback needs --token")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--token", default=None, help="bearer token for chat and cache/clear (or ADAPTQUANT_TOKEN)")
@@ -306,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat on stdin/stdout, streaming, with the level per answer")
-    chat.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    chat.add_argument("--model", default=None, help=_MODEL_HELP)
     chat.add_argument("--priority", type=_priority, default="balanced")
     chat.add_argument("--max-tokens", type=_positive("max-tokens"), default=128)
     chat.add_argument("--temperature", type=float, default=None)
@@ -315,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     from langchain_adaptquant.pipelines.simplify_cli import add_simplify_command
+    from langchain_adaptquant.pretrained.cli import add_models_command
 
     add_simplify_command(sub)
+    add_models_command(sub)
     return parser
 
 

@@ -223,6 +223,9 @@ class LoadedModel:
     active_requests: int = 0
     last_error: Optional[str] = None
     last_decision_reason: str = ""
+    #: What the weights on disk came from, e.g. "GGUF Q4_1 (Q8_0 embeddings), dequantized to bf16" for a
+    #: pulled model: its 16-bit level is that file made dense, not the upstream 16-bit checkpoint.
+    source_format: str = "safetensors"
     #: Even when the weights are stable, odd while a switch swaps layers (a seqlock): a request that
     #: saw the same even value before and after generating ran entirely at one level.
     weights_version: int = 0
@@ -266,6 +269,7 @@ class LoadedModel:
             "path": str(self.folder),
             "level": self.level.value,
             "precision": self.precision,
+            "source_format": self.source_format,
             "device": self.device,
             "size_mb": round(self.stored_bytes / 2**20, 2),
             "estimated_mb": round(self.size.estimated_bytes(self.level) / 2**20, 2),
@@ -291,6 +295,14 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def _source_format(folder: Path) -> str:
+    """"safetensors" for a plain folder; a pulled model's record says which GGUF it was converted from."""
+    from langchain_adaptquant.pretrained.store import read_source
+
+    source = read_source(folder)
+    return source.format if source is not None else "safetensors"
 
 
 def _object_fingerprint(model: nn.Module) -> str:
@@ -639,6 +651,7 @@ class AdaptiveModelLoader:
             stored_bytes=stored_bytes(model),
             load_seconds=time.perf_counter() - started,
             last_decision_reason=reason,
+            source_format=_source_format(folder),
         )
         loaded.access_count = 1
         with self._lock:
