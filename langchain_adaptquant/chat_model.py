@@ -31,7 +31,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from langchain_adaptquant import chat_format, generation
+from langchain_adaptquant import chat_format, constrained, generation
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
@@ -98,6 +98,9 @@ class ChatAdaptQuant(BaseChatModel):
     """Levels to quantize into the loader's layer cache in a background thread after the model first
     loads (e.g. ``["int4", "int2"]``), so the first memory-forced switch there only reads them.
     Costs that quantization work once, in the background; levels this device lacks are skipped."""
+    constrained_decoding: bool = True
+    """Decode tool calls and JSON answers under a grammar (llguidance, the ``grammar`` extra), so they
+    always parse and match the schema; False lets the model write them freely."""
     manager: Optional[DynamicQuantizationManager] = Field(default=None, exclude=True)
     loader: Optional[AdaptiveModelLoader] = Field(default=None, exclude=True)
 
@@ -238,7 +241,8 @@ class ChatAdaptQuant(BaseChatModel):
         response_format = options["response_format"]
         if response_format:
             system_notes.append(_json_instruction(response_format))
-            prefill = prefill or "{"
+            if not self._constrains(options):  # a grammar opens the object itself
+                prefill = prefill or "{"
         if system_notes:
             note = "\n\n".join(system_notes)
             if chat and chat[0]["role"] == "system":
@@ -253,6 +257,46 @@ class ChatAdaptQuant(BaseChatModel):
                 "prompt length", f"{ids.shape[1]} tokens", f"fewer than the model's context of {context} tokens"
             )
         return ids, prefill
+
+    def _constrains(self, options: dict[str, Any]) -> bool:
+        """Whether this call decodes under a grammar: tools or a JSON answer, and llguidance installed."""
+        wants = bool(options["tools"] and options["tool_choice"] != "none") or bool(options["response_format"])
+        return wants and self.constrained_decoding and constrained.available()
+
+    def _grammar(self, options: dict[str, Any], prefill: str, tokenizer: Any) -> Optional[constrained.Grammar]:
+        """The grammar the answer must follow: one tool call when one is forced, an optional one under
+        ``auto``, a JSON value for structured output; None when the model writes freely."""
+        if not self._constrains(options):
+            return None
+        tools, choice = options["tools"], options["tool_choice"]
+        if tools and choice != "none":
+            tags = constrained.CallTags.for_tokenizer(tokenizer)
+            forced = chat_format.forced_tool_name(choice, tools)
+            if forced and prefill.startswith("<tool_call>"):
+                return constrained.Grammar(constrained.tool_call_grammar(tools, forced, prefill, tags), "tool call")
+            if choice in ("any", "required", True):
+                return constrained.Grammar(constrained.tool_call_grammar(tools, tags=tags), "tool call")
+            return constrained.Grammar(constrained.optional_tool_calls_grammar(tools, tags), "tool call")
+        response_format = options["response_format"]
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return constrained.Grammar(constrained.json_grammar(schema), "json")
+
+    def _settings_for(self, options: dict[str, Any], loaded: LoadedModel, ids: torch.Tensor,
+                      prefill: str) -> generation.GenerationSettings:
+        """This generation's settings: new tokens capped by the context window, and a fresh grammar
+        processor (it is stateful) when the answer is constrained."""
+        settings = _fit_context(options["settings"], loaded, ids)
+        grammar = self._grammar(options, prefill, loaded.tokenizer)
+        if grammar is None:
+            return settings
+        from transformers import LogitsProcessorList
+
+        processor = constrained.GrammarProcessor(
+            grammar, loaded.tokenizer, sorted(generation.eos_ids(loaded.model, loaded.tokenizer)), ids.shape[1]
+        )
+        extra = dict(settings.extra)
+        extra["logits_processor"] = LogitsProcessorList([processor, *extra.get("logits_processor", [])])
+        return dataclasses.replace(settings, extra=tuple(extra.items()))
 
     def _message_parts(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
                        result: generation.GenerationResult) -> tuple[str, list, list, str]:
@@ -307,7 +351,7 @@ class ChatAdaptQuant(BaseChatModel):
             try:
                 with loaded.in_use():
                     call.start(loaded)
-                    settings = _fit_context(options["settings"], loaded, ids)
+                    settings = self._settings_for(options, loaded, ids, prefill)
                     result = generation.generate(loaded.model, loaded.tokenizer, ids, settings, cancel)
                     call.finish(loaded)
                     return result, prefill
@@ -374,7 +418,8 @@ class ChatAdaptQuant(BaseChatModel):
             cancel = threading.Event()
             with loaded.in_use():
                 call.start(loaded)
-                pieces = generation.stream(loaded.model, loaded.tokenizer, ids, _fit_context(options["settings"], loaded, ids), cancel)
+                pieces = generation.stream(loaded.model, loaded.tokenizer, ids,
+                                           self._settings_for(options, loaded, ids, prefill), cancel)
                 try:
                     for item in pieces:
                         if isinstance(item, str):
@@ -462,7 +507,7 @@ class ChatAdaptQuant(BaseChatModel):
                 try:
                     with loaded.in_use():
                         call.start(loaded)
-                        settings = _fit_context(options["settings"], loaded, ids)
+                        settings = self._settings_for(options, loaded, ids, prefill)
                         for item in generation.stream(loaded.model, loaded.tokenizer, ids, settings, cancel):
                             if not isinstance(item, str):
                                 call.finish(loaded)

@@ -118,7 +118,8 @@ class _Criteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Token ids that end an answer: the generation config's and the tokenizer's."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -140,7 +141,7 @@ def generate(
     """Run ``model.generate`` once; ``on_tokens`` sees the TextWatch after every step (streaming)."""
     started = time.perf_counter()
     cancel = cancel or threading.Event()
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     watch = TextWatch(tokenizer, settings.stop, eos)
     deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else None
     prompt_len = input_ids.shape[1]
