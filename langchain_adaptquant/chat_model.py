@@ -286,6 +286,9 @@ class ChatAdaptQuant(BaseChatModel):
         """This generation's settings: new tokens capped by the context window, and a fresh grammar
         processor (it is stateful) when the answer is constrained."""
         settings = _fit_context(options["settings"], loaded, ids)
+        model_stops = tuple(getattr(loaded.model.generation_config, "stop_strings", None) or ())
+        if model_stops:  # the model's own (a base model's next-turn marker), after the caller's
+            settings = dataclasses.replace(settings, stop=settings.stop + tuple(s for s in model_stops if s not in settings.stop))
         grammar = self._grammar(options, prefill, loaded.tokenizer)
         if grammar is None:
             return settings

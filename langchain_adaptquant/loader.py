@@ -297,6 +297,19 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _read_generation_config(model: nn.Module, folder: Path) -> None:
+    """Use the folder's generation_config.json (end-of-turn ids, a base model's stop strings), as
+    ``from_pretrained`` does; a skeleton built from the config alone only knows the config's eos id."""
+    if not (folder / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring %s/generation_config.json: %s", folder, error)
+
+
 def _source_format(folder: Path) -> str:
     """"safetensors" for a plain folder; a pulled model's record says which GGUF it was converted from."""
     from langchain_adaptquant.pretrained.store import read_source
@@ -637,6 +650,7 @@ class AdaptiveModelLoader:
         with self.layer_cache.writes_held():
             model, backends = self._materialize(skeleton, source, level, name, key)
         tokenizer = self._tokenizer(folder)
+        _read_generation_config(model, folder)
         loaded = LoadedModel(
             key=key,
             name=name,

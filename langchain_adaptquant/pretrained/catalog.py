@@ -57,6 +57,9 @@ class CatalogEntry:
     source_format: str
     #: A chat template for checkpoints that carry none (base models).
     chat_template: Optional[str] = None
+    #: Text that ends an answer, kept in the converted folder's generation_config.json (``stop_strings``):
+    #: a base model under a plain template goes on to write the user's next turn.
+    stop_strings: tuple[str, ...] = ()
     notes: str = ""
 
     @property
@@ -69,14 +72,17 @@ class CatalogEntry:
         return tuple(wheel for wheel in self.wheels if wheel.gguf_member is not None)
 
 
-#: A minimal template for base models: they continue "Assistant:" rather than follow a chat format.
+#: A minimal template for base models, in the question/answer layout web text is full of: a base model
+#: continues "Answer:" sensibly where "Assistant:" makes Gemma 3 270M repeat the tag (measured).
+#: It starts with the tokenizer's BOS token, as base models were trained (without it Gemma degenerates).
 PLAIN_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
-    "{% else %}{{ 'Assistant: ' + message['content'] + '\n' }}{% endif %}"
+    "{% elif message['role'] == 'user' %}{{ 'Question: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Answer: ' + message['content'] + '\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'Answer:' }}{% endif %}"
 )
 
 SMOLLM2_135M = CatalogEntry(
@@ -142,6 +148,7 @@ GEMMA3_270M = CatalogEntry(
     gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     source_format="GGUF Q4_K_M",
     chat_template=PLAIN_CHAT_TEMPLATE,
+    stop_strings=("\nQuestion:",),
     notes="268M parameters, 168M of them the 262k-token embedding; a base model: it completes text.",
 )
 

