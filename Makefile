@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaptquant-installed
 TORCH_PIN := torch==2.13.0
-EXTRAS := dev,server,quanto,torchao,simplify,train
+EXTRAS := dev,server,quanto,torchao,simplify,train,ray
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
