@@ -146,6 +146,8 @@ class ScalingSettings:
     #: Seconds the load must stay above / below target before a replica is added / removed.
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    #: Seconds of ongoing-request readings averaged for each autoscaling decision.
+    look_back_period_s: float = 30.0
 
     def __post_init__(self) -> None:
         autoscaling = self.min_replicas is not None or self.max_replicas is not None
@@ -171,6 +173,7 @@ class ScalingSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InvalidValueError(name, value, "a finite number of seconds >= 0")
+        _positive("look_back_period_s", self.look_back_period_s)
 
     @property
     def autoscaling(self) -> bool:
@@ -211,6 +214,7 @@ class ScalingSettings:
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s,
             }
         else:
             options["num_replicas"] = self.replicas
