@@ -12,10 +12,13 @@ from typing import Any, Optional
 
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.serve_ray.settings import BudgetSettings, ReplicaSettings, ScalingSettings
+from langchain_adaptquant.server.security import check_bind
 
 #: Flags that only mean something with --ray (their defaults are None, so "given" is visible).
-RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus_per_replica",
-            "torch_threads", "ray_address", "ray_num_cpus")
+RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+            "downscale_delay_s", "num_cpus_per_replica", "torch_threads", "ray_address", "ray_num_cpus")
+#: Flags that steer autoscaling, so they need --min-replicas/--max-replicas.
+AUTOSCALING_ONLY = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
 
 
 def _whole(flag: str, minimum: int = 1) -> Any:
@@ -27,14 +30,15 @@ def _whole(flag: str, minimum: int = 1) -> Any:
     return parse
 
 
-def _positive_number(flag: str) -> Any:
+def _positive_number(flag: str, zero: bool = False) -> Any:
     def parse(value: str) -> float:
         try:
             number = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid --{flag} {value!r}: expected a number") from None
-        if not math.isfinite(number) or number <= 0:
-            raise argparse.ArgumentTypeError(f"invalid --{flag} {value!r}: must be a finite number greater than 0")
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
+            bound = ">= 0" if zero else "greater than 0"
+            raise argparse.ArgumentTypeError(f"invalid --{flag} {value!r}: must be a finite number {bound}")
         return number
 
     return parse
@@ -67,6 +71,10 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-replicas", type=_whole("max-replicas"), default=None, help="autoscaling: most replicas")
     group.add_argument("--target-ongoing-requests", type=_positive_number("target-ongoing-requests"), default=None,
                        help="autoscaling: requests in flight per replica to aim for (default 2)")
+    group.add_argument("--upscale-delay-s", type=_positive_number("upscale-delay-s", zero=True), default=None,
+                       help="autoscaling: seconds load must stay above target before a replica is added (default 30)")
+    group.add_argument("--downscale-delay-s", type=_positive_number("downscale-delay-s", zero=True), default=None,
+                       help="autoscaling: seconds load must stay below target before one is removed (default 600)")
     group.add_argument("--num-cpus-per-replica", type=_positive_number("num-cpus-per-replica"), default=None,
                        help="CPUs Ray reserves per replica, fractions allowed (default 1)")
     group.add_argument("--torch-threads", type=_whole("torch-threads"), default=None,
@@ -99,9 +107,10 @@ def settings_from_args(args: argparse.Namespace, model: str, token: Optional[str
     if autoscaling and (args.min_replicas is None or args.max_replicas is None):
         missing = "--max-replicas" if args.max_replicas is None else "--min-replicas"
         raise InvalidValueError(missing, None, "a whole number: autoscaling needs both --min-replicas and --max-replicas")
-    if not autoscaling and args.target_ongoing_requests is not None:
-        raise InvalidValueError("--target-ongoing-requests", args.target_ongoing_requests,
-                                "left out without --min-replicas/--max-replicas (it steers autoscaling)")
+    for name in AUTOSCALING_ONLY:
+        if not autoscaling and getattr(args, name) is not None:
+            raise InvalidValueError("--" + name.replace("_", "-"), getattr(args, name),
+                                    "left out without --min-replicas/--max-replicas (it steers autoscaling)")
     replica = ReplicaSettings(
         model=model, token=token, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
         torch_threads=args.torch_threads or max(1, int(num_cpus)), preload=not args.no_preload,
@@ -110,6 +119,7 @@ def settings_from_args(args: argparse.Namespace, model: str, token: Optional[str
         replicas=None if autoscaling else (args.replicas or 1),
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests or 2.0, num_cpus=num_cpus,
+        **{name: getattr(args, name) for name in ("upscale_delay_s", "downscale_delay_s") if getattr(args, name) is not None},
     )
     given = args.memory_budget_gb or ()
     budgets = BudgetSettings(memory_budget_gb=given[0]) if len(given) == 1 else BudgetSettings(memory_budgets_gb=given)
@@ -125,6 +135,7 @@ def run(args: argparse.Namespace, model: str, token: Optional[str]) -> int:
 
     resolve_model_folder(model)  # a missing model is an error before any cluster starts
     replica, scaling, budgets = settings_from_args(args, model, token)
+    check_bind(args.host, token)
 
     import_ray()  # RayNotInstalledError names the extra
     from langchain_adaptquant.serve_ray.local import ClusterSettings, serve_on_ray

@@ -124,7 +124,7 @@ class BudgetSettings:
         unknown = sorted(set(config) - {"memory_budget_gb", "memory_budgets_gb"})
         if unknown:
             raise InvalidValueError("user_config key", unknown, "'memory_budget_gb' or 'memory_budgets_gb'")
-        return cls(config.get("memory_budget_gb"), tuple(config.get("memory_budgets_gb") or ()))
+        return cls(config.get("memory_budget_gb"), config.get("memory_budgets_gb") or ())
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ class ScalingSettings:
     has more than ``target_ongoing_requests`` requests in flight, and removes them when it has fewer.
     """
 
-    replicas: Optional[int] = 1
+    #: A fixed number of replicas (None: 1, or autoscaling when min/max are given).
+    replicas: Optional[int] = None
     min_replicas: Optional[int] = None
     max_replicas: Optional[int] = None
     target_ongoing_requests: float = 2.0
@@ -164,7 +165,7 @@ class ScalingSettings:
                 raise InvalidValueError("min_replicas", self.min_replicas, f"at most max_replicas ({self.max_replicas})")
         else:
             if self.replicas is None:
-                raise InvalidValueError("replicas", None, "a whole number >= 1, or min_replicas and max_replicas")
+                object.__setattr__(self, "replicas", 1)
             _whole("replicas", self.replicas, 1)
         _positive("target_ongoing_requests", self.target_ongoing_requests)
         _positive("num_cpus", self.num_cpus)

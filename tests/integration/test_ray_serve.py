@@ -33,7 +33,6 @@ from langchain_adaptquant.serve_ray import (  # noqa: E402
     BudgetSettings,
     ReplicaSettings,
     ScalingSettings,
-    build_app,
     serve_config,
 )
 from langchain_adaptquant.serve_ray.local import free_port  # noqa: E402
@@ -212,31 +211,67 @@ def test_langchain_clients_through_the_proxy(cluster):
     assert openai_llm.invoke("Tell me about tuples.").response_metadata["system_fingerprint"].startswith("adaptquant-")
 
 
-def test_autoscaling_adds_a_replica_under_load(cluster):
-    serve.delete(APP)
-    replica = ReplicaSettings(model=str(reference_model_path()), served_model_name=MODEL, max_queue=4, token=TOKEN)
-    scaling = ScalingSettings(replicas=None, min_replicas=1, max_replicas=2, target_ongoing_requests=1, num_cpus=0.5,
-                              upscale_delay_s=0, downscale_delay_s=600, look_back_period_s=2)
-    serve.run(build_app(replica, scaling), name="autoscaled", route_prefix="/")
+def running_replicas(app: str) -> int:
+    status = serve.status().applications.get(app)
+    if status is None or "AdaptQuantReplica" not in status.deployments:
+        return 0
+    return status.deployments["AdaptQuantReplica"].replica_states.get("RUNNING", 0)
 
-    def running() -> int:
-        deployment = serve.status().applications["autoscaled"].deployments["AdaptQuantReplica"]
-        return deployment.replica_states.get("RUNNING", 0)
 
-    assert running() == 1
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 96}
-    stop = time.monotonic() + 150
+def test_cli_serve_ray_autoscales_on_the_cluster_and_removes_only_its_app(cluster):
+    """``adaptquant serve --ray --ray-address`` with autoscaling: load adds a replica; Ctrl-C deletes the app only."""
+    import queue
+    import signal
+    import threading
 
-    def keep_busy(_: int) -> int:
-        sent = 0
-        while time.monotonic() < stop and running() < 2:
-            assert cluster.http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
-            sent += 1
-        return sent
+    serve.delete(APP)  # the config-file app of the tests above; the CLI deploys its own under the same name
+    port = cluster.url.rsplit(":", 1)[1]
+    address = ray._private.worker.global_worker.node.address
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("adaptquant")), "serve", "--ray", "--ray-address", address, "--port", port,
+         "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1", "--upscale-delay-s", "0",
+         "--num-cpus-per-replica", "0.5", "--token", TOKEN, "--max-queue", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any("adaptquant: serving" in line for line in seen):
+            assert process.poll() is None, "".join(seen)
+            try:
+                seen.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
+            except queue.Empty:
+                raise AssertionError("no 'serving' line:\n" + "".join(seen)) from None
+        banner = next(line for line in seen if "adaptquant: serving" in line)
+        assert f"at http://127.0.0.1:{port}" in banner and address in banner
+        assert "1-2 replicas (autoscaling, target 1 ongoing requests)" in banner
+        assert running_replicas(APP) == 1
+        body = {"model": "reference-llama", "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "max_tokens": 96}
+        assert cluster.http.post("/v1/chat/completions", json=body).status_code == 401  # the token holds through Serve
+        stop = time.monotonic() + 150
 
-    with ThreadPoolExecutor(4) as pool:  # 4 in flight against a target of 1 per replica
-        sent = sum(pool.map(keep_busy, range(4)))
-    assert running() == 2, f"no second replica after {sent} requests"
-    ranks = {body["rank"] for body in replicas_seen(cluster).values()}
-    assert ranks == {0, 1}
-    serve.delete("autoscaled")
+        def keep_busy(_: int) -> int:
+            sent = 0
+            while time.monotonic() < stop and running_replicas(APP) < 2:
+                assert cluster.http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+                sent += 1
+            return sent
+
+        with ThreadPoolExecutor(4) as pool:  # 4 in flight against a target of 1 per replica
+            sent = sum(pool.map(keep_busy, range(4)))
+        assert running_replicas(APP) == 2, f"no second replica after {sent} requests"
+        ranks = {body["rank"] for body in replicas_seen(cluster).values()}
+        assert ranks == {0, 1}
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    time.sleep(0.5)
+    while not lines.empty():
+        seen.append(lines.get())
+    assert "adaptquant: stopped" in "".join(seen)
+    assert APP not in serve.status().applications  # its app is gone; the cluster still answers
