@@ -1,7 +1,7 @@
 """ChatAdaptQuant on Ray Serve: one adaptive model per replica, each adapting to its own node.
 
 Needs the ``ray`` extra (``pip install 'langchain-adaptquant[ray]'``). Settings and the replica's
-memory probe import without Ray; the Serve parts (``build_app``, ``app_builder``, ``serve_config``,
+memory probe and model (``ReplicaModel``) import without Ray; the Serve parts (``build_app``, ``app_builder``, ``serve_config``,
 ``serve_on_ray``, ``AdaptQuantReplica``) load Ray on first use and raise
 :class:`RayNotInstalledError`, naming the extra, when it is missing.
 
@@ -27,6 +27,8 @@ from langchain_adaptquant.serve_ray.settings import (
     ScalingSettings,
 )
 
+#: Names loaded on first use (they pull in torch), and the submodule each lives in.
+_LAZY = {"ReplicaModel": "model", "ReplicaBudgetError": "model"}
 #: Names that need Ray, and the submodule each lives in.
 _NEED_RAY = {
     "build_app": "app",
@@ -34,7 +36,6 @@ _NEED_RAY = {
     "serve_config": "app",
     "IMPORT_PATH": "app",
     "AdaptQuantReplica": "replica",
-    "ReplicaBudgetError": "replica",
     "serve_on_ray": "local",
     "ClusterSettings": "local",
 }
@@ -48,15 +49,19 @@ __all__ = [
     "ScalingSettings",
     "import_ray",
     "replica_snapshot",
+    *_LAZY,
     *_NEED_RAY,
 ]
 
 
 def __getattr__(name: str) -> Any:
     submodule = _NEED_RAY.get(name)
+    if submodule is not None:
+        import_ray()  # the clear error first, before a submodule's own import fails
+    else:
+        submodule = _LAZY.get(name)
     if submodule is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import_ray()  # the clear error first, before a submodule's own import fails
     value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
     globals()[name] = value
     return value

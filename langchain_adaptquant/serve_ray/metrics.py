@@ -7,25 +7,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 from ray.serve.metrics import Gauge
 
+from langchain_adaptquant.serve_ray.model import ReplicaSample
+
 PREFIX = "adaptquant_replica"
-
-
-@dataclass(frozen=True)
-class ReplicaSample:
-    """One reading of a replica, as the gauges publish it."""
-
-    model: str
-    level_bits: Optional[int]  # None while the model is not loaded
-    memory_used_percent: float
-    memory_budget_bytes: int  # 0: no budget (the node's memory only)
-    process_rss_bytes: int
-    requests_in_flight: int
-    switches: int
 
 
 class ReplicaGauges:

@@ -58,12 +58,21 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 240.0, every:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[SimpleNamespace]:
     http_port, dashboard_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    others = {p.pid for p in psutil.Process().children(recursive=True)}  # not Ray's: left alone
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              log_to_driver=False, configure_logging=False, _system_config={"metrics_report_interval_ms": 1000})
     node = ray._private.worker.global_worker.node
+    roots = [p for p in psutil.Process().children(recursive=True) if p.pid not in others]  # gcs, raylet, ...
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         yield SimpleNamespace(
@@ -72,13 +81,18 @@ def cluster(tmp_path_factory) -> Iterator[SimpleNamespace]:
             http=httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120),
         )
     finally:
-        started = psutil.Process().children(recursive=True)  # gcs, raylet, dashboard, every worker and replica
+        started = set(roots)  # and everything they started since: workers, the proxy, every replica
+        for root in roots:
+            try:
+                started.update(root.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        _, alive = psutil.wait_procs(list(started), timeout=30)
+        left = [p for p in alive if _alive(p)]
         for process in left:
             process.kill()
         assert not left, f"Ray processes left after shutdown: {[(p.pid, p.name()) for p in left]}"
