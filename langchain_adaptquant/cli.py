@@ -207,9 +207,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise InvalidValueError("command", "serve", f"an install with the server extra: pip install "
                                 f"'langchain-adaptquant[server]' ({error})") from None
+    from langchain_adaptquant.serve_ray import cli as ray_cli
+
     token = args.token or os.environ.get("ADAPTQUANT_TOKEN") or None
+    if args.ray:
+        return ray_cli.run(args, _model_path(args.model), token)
+    budget = ray_cli.check_plain_serve(args)
     return serve(_model_path(args.model), host=args.host, port=args.port, token=token, max_queue=args.max_queue,
-                 max_tokens_limit=args.max_tokens_limit, memory_budget_gb=args.memory_budget_gb,
+                 max_tokens_limit=args.max_tokens_limit, memory_budget_gb=budget,
                  preload=not args.no_preload, log_level=args.log_level)
 
 
@@ -276,6 +281,8 @@ _MODEL_HELP = ("model folder or pulled catalog name, e.g. smollm2-135m (default:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from langchain_adaptquant.serve_ray import cli as ray_cli
+
     parser = argparse.ArgumentParser(prog="adaptquant", description="Adaptive quantization for local LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -309,9 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", default=None, help="bearer token for chat and cache/clear (or ADAPTQUANT_TOKEN)")
     serve.add_argument("--max-queue", type=_positive("max-queue"), default=16, help="chat requests in flight before 503")
     serve.add_argument("--max-tokens-limit", type=_positive("max-tokens-limit"), default=1024)
-    serve.add_argument("--memory-budget-gb", type=_budget, default=None)
+    serve.add_argument("--memory-budget-gb", type=ray_cli.budget_list, default=None,
+                       help="GiB the policy may count on; with --ray one per replica rank, e.g. 4,1.5")
     serve.add_argument("--no-preload", action="store_true", help="load the model on the first request instead")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray_cli.add_ray_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat on stdin/stdout, streaming, with the level per answer")
