@@ -125,11 +125,12 @@ PARAGRAPH = (
     "in the year after the lanes opened. The council agreed to build the lanes as a one-year trial, to "
     "count visitors every month, and to review the plan with the shop owners next spring."
 )
+#: Short chat prompts, the longer one second so that ``--prompts 2`` still has a long prefill.
 CHAT_PROMPTS: tuple[tuple[str, str], ...] = (
     ("list", "What does a Python list hold? Answer in two sentences."),
+    ("summary", "Summarize this paragraph in one sentence:\n\n" + PARAGRAPH),
     ("email", "Write a short, polite email asking a colleague to review my pull request."),
     ("sky", "Explain to a ten-year-old why the sky is blue."),
-    ("summary", "Summarize this paragraph in one sentence:\n\n" + PARAGRAPH),
 )
 
 
@@ -567,13 +568,19 @@ def schedule(labels: Sequence[str], prompts: int, rounds: int) -> Iterator[tuple
 
 
 def measure(runs: list[EngineRun], workers: dict[str, Worker], prompts: list[RenderedPrompt],
-            args: argparse.Namespace) -> None:
-    """Every (round, engine, prompt, path) with 1 and with N new tokens; a failing engine drops out."""
+            args: argparse.Namespace) -> list[list[float]]:
+    """Every (round, engine, prompt, path) with 1 and with N new tokens; a failing engine drops out.
+
+    Returns the 1-minute load average at the start of each round: how busy the machine was meanwhile.
+    """
     from tqdm.auto import tqdm
 
     by_label = {run.spec.label: run for run in runs}
     plan = list(schedule(list(workers), len(prompts), args.rounds))
+    load_by_round: list[list[float]] = []
     for round_index, label, prompt in tqdm(plan, desc="interleaved calls", unit="step"):
+        if len(load_by_round) == round_index:
+            load_by_round.append([round(x, 2) for x in os.getloadavg()])
         worker = workers.get(label)
         if worker is None:
             continue
@@ -588,6 +595,7 @@ def measure(runs: list[EngineRun], workers: dict[str, Worker], prompts: list[Ren
             run.status = f"failed: {str(error).splitlines()[0]}"
             print(f"[{label}] {error}", file=sys.stderr)
             workers.pop(label).kill()
+    return load_by_round
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -781,8 +789,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     warm_page_cache([model] + ([gguf] if gguf and gguf.is_file() else []))
     with tempfile.TemporaryDirectory(prefix="llamacpp-compare-") as log_dir:
         workers = start_workers(runs, prompts, args, Path(log_dir))
+        load_by_round: list[list[float]] = []
         try:
-            measure(runs, workers, prompts, args)
+            load_by_round = measure(runs, workers, prompts, args)
         finally:
             by_label = {run.spec.label: run for run in runs}
             for label, worker in workers.items():
@@ -793,6 +802,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows = build_rows(runs, prompts, args.new_tokens)
     ollama = ollama_status()
     notes = level_notes + [ollama["reason"]] + [f"{run.spec.label}: {run.status}" for run in runs if run.status != "ok"]
+    busiest = max([load[0] for load in load_by_round] + [(machine.get("load_average") or [0.0])[0]])
+    if busiest > (os.cpu_count() or 1):
+        notes.append(f"contended: the 1-minute load average reached {busiest:g} on {os.cpu_count()} cores during "
+                     "this run; threads that wait on each other at every operator make every engine slower, "
+                     "the ratios less so (re-run on a quieter machine to confirm)")
     print(f"\nSame {len(prompts)} chat prompt(s), greedy, exactly {args.new_tokens} new tokens, {args.threads} threads, "
           f"median of {args.rounds} interleaved round(s); x = ours / llama.cpp (above 1: ours is faster or bigger).")
     print("Public paths: ChatAdaptQuant.invoke vs llama-cpp-python create_chat_completion.\n")
@@ -807,6 +821,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "command": "python benchmarks/llamacpp_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "seconds": round(time.time() - started, 1),
+        "load_average_by_round": load_by_round,
         "settings": {"gguf": str(gguf) if gguf else None, "model": str(model), "levels": levels,
                      "rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads,
                      "n_ctx": args.n_ctx, "method": "t(1) and t(N) per call; prompt tok/s = tokens / t(1), "
