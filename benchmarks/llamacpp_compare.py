@@ -46,8 +46,12 @@ How it measures, and why:
 Ollama would be the third engine. No registry reachable here ships its server binary (see
 ``OLLAMA_VERDICT``); the script says so in its output and JSON instead of measuring it.
 
-Writes a table to stdout and ``llamacpp_compare.json`` (machine info, settings, every sample) to
-``--out-dir``. ``--quick`` is a smoke run (1 round, 1 prompt, 4 tokens).
+Writes a table to stdout and ``llamacpp_compare.json`` (machine info, settings, the load average of
+every round, every sample) to ``--out-dir``, also after each round and when the run is stopped
+(SIGTERM or Ctrl-C: the workers are closed and the JSON says ``"complete": false``). A worker that
+fails is recorded with its error and the others go on. ``--quick`` is a smoke run (1 round, 1
+prompt, 4 tokens). On a busy machine every figure drops, two-thread engines most (their threads
+wait on each other at every operator); the JSON notes when the load average exceeded the cores.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import math
 import os
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +71,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence, TypedDict
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypedDict
 
 # Heavy libraries (torch, transformers, llama_cpp) are imported inside the functions that need
 # them: this file is also the worker of every engine, and the llama.cpp worker must not load torch.
@@ -457,9 +462,11 @@ class Worker:
 
     def close(self) -> Optional[Memory]:
         try:
-            memory = self.request({"op": "quit"})["memory"]
+            reply = self.request({"op": "quit"})
+            while "memory" not in reply:  # an interrupted run leaves the answer to its last call unread
+                reply = self.receive()
             self.process.wait(timeout=60)
-            return memory
+            return reply["memory"]
         except (WorkerError, OSError, subprocess.TimeoutExpired):
             self.kill()
             return None
@@ -568,18 +575,22 @@ def schedule(labels: Sequence[str], prompts: int, rounds: int) -> Iterator[tuple
 
 
 def measure(runs: list[EngineRun], workers: dict[str, Worker], prompts: list[RenderedPrompt],
-            args: argparse.Namespace) -> list[list[float]]:
+            args: argparse.Namespace, load_by_round: list[list[float]],
+            on_round_done: Callable[[int], None]) -> None:
     """Every (round, engine, prompt, path) with 1 and with N new tokens; a failing engine drops out.
 
-    Returns the 1-minute load average at the start of each round: how busy the machine was meanwhile.
+    Appends the 1-minute load average at the start of each round to ``load_by_round`` (how busy the
+    machine was meanwhile) and calls ``on_round_done(rounds)`` after each round, so a run cut short
+    still leaves its results.
     """
     from tqdm.auto import tqdm
 
     by_label = {run.spec.label: run for run in runs}
     plan = list(schedule(list(workers), len(prompts), args.rounds))
-    load_by_round: list[list[float]] = []
     for round_index, label, prompt in tqdm(plan, desc="interleaved calls", unit="step"):
         if len(load_by_round) == round_index:
+            if round_index:
+                on_round_done(round_index)
             load_by_round.append([round(x, 2) for x in os.getloadavg()])
         worker = workers.get(label)
         if worker is None:
@@ -595,7 +606,7 @@ def measure(runs: list[EngineRun], workers: dict[str, Worker], prompts: list[Ren
             run.status = f"failed: {str(error).splitlines()[0]}"
             print(f"[{label}] {error}", file=sys.stderr)
             workers.pop(label).kill()
-    return load_by_round
+    on_round_done(args.rounds)
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -787,28 +798,74 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if problem:
         runs[0].status = f"skipped: {problem}"
     warm_page_cache([model] + ([gguf] if gguf and gguf.is_file() else []))
-    with tempfile.TemporaryDirectory(prefix="llamacpp-compare-") as log_dir:
-        workers = start_workers(runs, prompts, args, Path(log_dir))
-        load_by_round: list[list[float]] = []
-        try:
-            load_by_round = measure(runs, workers, prompts, args)
-        finally:
-            by_label = {run.spec.label: run for run in runs}
-            for label, worker in workers.items():
-                end = worker.close()
-                if end is not None:
-                    by_label[label].memory["end"] = end
+    load_by_round: list[list[float]] = []
+    rounds_done = [0]
+    out_path = args.out_dir / "llamacpp_compare.json"
 
-    rows = build_rows(runs, prompts, args.new_tokens)
-    ollama = ollama_status()
-    notes = level_notes + [ollama["reason"]] + [f"{run.spec.label}: {run.status}" for run in runs if run.status != "ok"]
-    busiest = max([load[0] for load in load_by_round] + [(machine.get("load_average") or [0.0])[0]])
-    if busiest > (os.cpu_count() or 1):
-        notes.append(f"contended: the 1-minute load average reached {busiest:g} on {os.cpu_count()} cores during "
-                     "this run; threads that wait on each other at every operator make every engine slower, "
-                     "the ratios less so (re-run on a quieter machine to confirm)")
-    print(f"\nSame {len(prompts)} chat prompt(s), greedy, exactly {args.new_tokens} new tokens, {args.threads} threads, "
-          f"median of {args.rounds} interleaved round(s); x = ours / llama.cpp (above 1: ours is faster or bigger).")
+    def results(complete: bool) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+        rows = build_rows(runs, prompts, args.new_tokens)
+        ollama = ollama_status()
+        notes = level_notes + [ollama["reason"]]
+        notes += [f"{run.spec.label}: {run.status}" for run in runs if run.status != "ok"]
+        busiest = max([load[0] for load in load_by_round] + [(machine.get("load_average") or [0.0])[0]])
+        if busiest > (os.cpu_count() or 1):
+            notes.append(f"contended: the 1-minute load average reached {busiest:g} on {os.cpu_count()} cores "
+                         "during this run; threads that wait on each other at every operator make every engine "
+                         "slower, the ratios less so (re-run on a quieter machine to confirm)")
+        if not complete:
+            notes.append(f"incomplete: {rounds_done[0]} of {args.rounds} rounds done when the run stopped")
+        return {
+            "benchmark": "llamacpp_compare",
+            "complete": complete,
+            "rounds_done": rounds_done[0],
+            "command": "python benchmarks/llamacpp_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
+            "seconds": round(time.time() - started, 1),
+            "load_average_by_round": load_by_round,
+            "settings": {"gguf": str(gguf) if gguf else None, "model": str(model), "levels": levels,
+                         "rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads,
+                         "n_ctx": args.n_ctx, "method": "t(1) and t(N) per call; prompt tok/s = tokens / t(1), "
+                         "decode tok/s = (N-1) / (t(N) - t(1)), medians over rounds, summed over prompts"},
+            "prompts": [{"name": p.name, "tokens": len(p.ids), "user": p.messages[0][1]} for p in prompts],
+            "rows": rows,
+            "engines": [{"label": run.spec.label, "kind": run.spec.kind, "level": run.spec.level,
+                         "status": run.status, "load_s": run.load_s, "info": run.info, "memory": run.memory}
+                        for run in runs],
+            "ollama": ollama,
+            "notes": notes,
+            "samples": {run.spec.label: run.samples for run in runs},
+        }, rows, notes
+
+    def checkpoint(rounds: int) -> None:
+        rounds_done[0] = rounds
+        write_json(out_path, results(complete=rounds == args.rounds)[0])
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)  # a killed run still closes its workers and writes what it has
+    interrupted = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="llamacpp-compare-") as log_dir:
+            workers = start_workers(runs, prompts, args, Path(log_dir))
+            try:
+                measure(runs, workers, prompts, args, load_by_round, checkpoint)
+            except KeyboardInterrupt:
+                interrupted = True
+                print("\ninterrupted: closing the workers and writing what was measured", file=sys.stderr)
+            finally:
+                by_label = {run.spec.label: run for run in runs}
+                for label, worker in workers.items():
+                    end = worker.close()
+                    if end is not None:
+                        by_label[label].memory["end"] = end
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    result, rows, notes = results(complete=not interrupted and rounds_done[0] == args.rounds)
+    print(f"\nSame {len(prompts)} chat prompt(s), greedy, exactly {args.new_tokens} new tokens, {args.threads} "
+          f"threads, median of {rounds_done[0]} interleaved round(s); x = ours / llama.cpp (above 1: ours is "
+          "faster or bigger).")
     print("Public paths: ChatAdaptQuant.invoke vs llama-cpp-python create_chat_completion.\n")
     headline = print_table(rows, HEADLINE)
     print("\nWhere the time goes (loop = model.generate / Llama.generate on token ids; in-model = forward "
@@ -816,26 +873,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     detail = print_table(path_rows(rows), WHERE_TIME_GOES)
     for note in notes:
         print(f"note: {note}")
-    result = {
-        "benchmark": "llamacpp_compare",
-        "command": "python benchmarks/llamacpp_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
-        "seconds": round(time.time() - started, 1),
-        "load_average_by_round": load_by_round,
-        "settings": {"gguf": str(gguf) if gguf else None, "model": str(model), "levels": levels,
-                     "rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads,
-                     "n_ctx": args.n_ctx, "method": "t(1) and t(N) per call; prompt tok/s = tokens / t(1), "
-                     "decode tok/s = (N-1) / (t(N) - t(1)), medians over rounds, summed over prompts"},
-        "prompts": [{"name": p.name, "tokens": len(p.ids), "user": p.messages[0][1]} for p in prompts],
-        "rows": rows,
-        "engines": [{"label": run.spec.label, "kind": run.spec.kind, "level": run.spec.level, "status": run.status,
-                     "load_s": run.load_s, "info": run.info, "memory": run.memory} for run in runs],
-        "ollama": ollama,
-        "notes": notes,
-        "tables": {"headline": headline, "where_time_goes": detail},
-        "samples": {run.spec.label: run.samples for run in runs},
-    }
-    path = write_json(args.out_dir / "llamacpp_compare.json", result)
+    result["tables"] = {"headline": headline, "where_time_goes": detail}
+    path = write_json(out_path, result)
     print(f"wrote {path}")
     return result
 
