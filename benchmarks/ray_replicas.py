@@ -144,7 +144,7 @@ def measure(setup: Setup, model: str, url: str, args: argparse.Namespace) -> Row
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="reference", help="comma-separated: 'reference' or model folders, "
-                        "e.g. reference,/work/models/smollm2-135m-instruct")
+                        "e.g. reference,smollm2-135m")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=4, help="clients; above 5 per replica the policy "
                         "trades precision for load even at quality priority")

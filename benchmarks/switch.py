@@ -199,6 +199,10 @@ def resolve(name: str) -> Path:
         from langchain_adaptquant.assets import reference_model_path
 
         return reference_model_path()
+    from langchain_adaptquant.pretrained import CATALOG, model_path
+
+    if name in CATALOG:
+        return model_path(name)  # a pulled real model (a clear error says how to pull it)
     from langchain_adaptquant.model_zoo import build_random_model
 
     return build_random_model(name)
