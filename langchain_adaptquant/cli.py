@@ -268,6 +268,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptquant", description="Adaptive quantization for local LLMs.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log at DEBUG, including the quantization libraries' start-up notices")
     sub = parser.add_subparsers(dest="command", required=True)
 
     calc = sub.add_parser("calculate", help="the level a model of this size would get now")
@@ -323,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("langchain_adaptquant").setLevel(logging.DEBUG)
     try:
         return int(args.func(args))
     except (AdaptQuantError, ValueError) as error:

@@ -1,17 +1,22 @@
 """Quantization backends: one small interface, one module per library, a measured preference order.
 
 Import cost is small: the optional libraries (bitsandbytes, torchao, optimum-quanto) are imported
-only when a backend is asked whether it is available or to quantize something.
+only when a backend is asked whether it is available or to quantize something. Their known
+start-up notices are filtered first (see :mod:`langchain_adaptquant.backends.quiet`).
 """
 
-from langchain_adaptquant.backends.base import (
+from langchain_adaptquant.backends.quiet import quiet_third_party_notices
+
+quiet_third_party_notices()  # before any backend imports its library: they log at import time
+
+from langchain_adaptquant.backends.base import (  # noqa: E402
     BackendError,
     QuantizationBackend,
     UnsupportedLevelError,
     compute_dtype,
     device_type,
 )
-from langchain_adaptquant.backends.registry import (
+from langchain_adaptquant.backends.registry import (  # noqa: E402
     PREFERENCE,
     all_backends,
     available_backends,
