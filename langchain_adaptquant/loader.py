@@ -42,6 +42,7 @@ from langchain_adaptquant.errors import (
     WeightsError,
 )
 from langchain_adaptquant.layer_cache import LayerCache
+from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision, plan_levels
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
@@ -227,12 +228,21 @@ class LoadedModel:
     #: saw the same even value before and after generating ran entirely at one level.
     weights_version: int = 0
     switches: list[SwitchRecord] = field(default_factory=list)
+    #: The level each quantizable Linear is stored at (mixed precision keeps some one level up).
+    layer_levels: dict[str, QuantizationLevel] = field(default_factory=dict)
     switch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def precision(self) -> str:
         return self.level.precision(self.device)
+
+    def level_summary(self) -> dict[str, int]:
+        """How many Linear layers are stored at each level (differs from ``level`` under mixed precision)."""
+        counts: dict[str, int] = {}
+        for level in self.layer_levels.values():
+            counts[level.value] = counts.get(level.value, 0) + 1
+        return counts
 
     def backend_summary(self) -> dict[str, int]:
         """Which backend holds how many Linear layers (a layer a backend rejects falls to the next)."""
@@ -272,6 +282,7 @@ class LoadedModel:
             "file_backed_mb": round(file_backed_bytes(self.model, self.folder) / 2**20, 2),
             "parameters": self.size.total_params,
             "backends": self.backend_summary(),
+            "layer_levels": self.level_summary(),
             "load_seconds": round(self.load_seconds, 3),
             "access_count": self.access_count,
             "last_access": self.last_access,
@@ -317,9 +328,14 @@ class AdaptiveModelLoader:
         cache_dir: Optional[str | Path] = None,
         show_progress: bool = True,
         layer_cache_gb: Optional[float] = None,
+        mixed_precision: MixedPrecision = DEFAULT_MIXED_PRECISION,
     ) -> None:
         """``layer_cache_gb`` bounds the disk used to keep quantized layers for switching back to a
-        level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`."""
+        level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`.
+        ``mixed_precision`` names the layers kept one level up (see :mod:`langchain_adaptquant.layer_plan`)."""
+        if not isinstance(mixed_precision, MixedPrecision):
+            raise TypeError(f"mixed_precision must be a MixedPrecision, got {type(mixed_precision).__name__}")
+        self.mixed_precision = mixed_precision
         self.manager = manager or DynamicQuantizationManager(device=device)
         self.device = device or self.manager.device
         self.cache_budget_gb = validate_budget_gb(cache_budget_gb, name="cache_budget_gb")
@@ -504,16 +520,17 @@ class AdaptiveModelLoader:
         for level in wanted:
             started, written, present = time.perf_counter(), 0, 0
             if level is not QuantizationLevel.FP16:  # 16-bit is the source itself: nothing to prepare
-                layers = list(loaded.layer_backends)
+                plan = plan_levels(loaded.layer_backends, level, self.mixed_precision)
+                layers = [layer for layer in plan if plan[layer] is not QuantizationLevel.FP16]
                 show = self.show_progress if progress is None else progress
                 for layer in tqdm(layers, desc=f"prepare {loaded.name} at {level.value}", unit="layer", disable=not show):
                     if self.get(loaded.key) is not loaded:
                         break  # evicted meanwhile: its cached layers were just forgotten
-                    if self.layer_cache.has(loaded.key, level, layer):
+                    if self.layer_cache.has(loaded.key, plan[layer], layer):
                         present += 1
                         continue
-                    module, backend, _ = self._quantize_layer(loaded.source, layer, level)
-                    written += self.layer_cache.store(loaded.key, level, layer, backend, module)
+                    module, backend, _ = self._quantize_layer(loaded.source, layer, plan[layer])
+                    written += self.layer_cache.store(loaded.key, plan[layer], layer, backend, module)
                     del module
                 trim_heap()
             summary[level.value] = {
@@ -613,7 +630,9 @@ class AdaptiveModelLoader:
         source = WeightSource(folder)
         config = source.config()
         skeleton = self._skeleton(config)
-        size = size_from_model(skeleton, source=f"{getattr(config, 'model_type', 'model')} config")
+        size = size_from_model(skeleton, source=f"{getattr(config, 'model_type', 'model')} config").with_mixed(
+            self.mixed_precision
+        )
         policy_size = size_of(model_size_params) if model_size_params is not None else size
         if forced is not None:
             level, reason = forced, f"forced to {forced.value}"
@@ -623,7 +642,7 @@ class AdaptiveModelLoader:
         self._make_room(size.estimated_bytes(level), name)
         source.verify()  # opens (maps) every file once; the model keeps this mapping for its lifetime
         with self.layer_cache.writes_held():
-            model, backends = self._materialize(skeleton, source, level, name, key)
+            model, backends, layer_levels = self._materialize(skeleton, source, level, name, key)
         tokenizer = self._tokenizer(folder)
         loaded = LoadedModel(
             key=key,
@@ -636,6 +655,7 @@ class AdaptiveModelLoader:
             device=self.device,
             size=size,
             layer_backends=backends,
+            layer_levels=layer_levels,
             stored_bytes=stored_bytes(model),
             load_seconds=time.perf_counter() - started,
             last_decision_reason=reason,
@@ -664,9 +684,10 @@ class AdaptiveModelLoader:
 
     def _materialize(
         self, model: nn.Module, source: WeightSource, level: QuantizationLevel, name: str, key: str
-    ) -> tuple[nn.Module, dict[str, str]]:
+    ) -> tuple[nn.Module, dict[str, str], dict[str, QuantizationLevel]]:
         dtype = compute_dtype(self.device)
         targets = quantizable_linears(model)
+        plan = plan_levels((layer for layer, _ in targets), level, self.mixed_precision)
         target_names = {layer for layer, _ in targets}
         for module_name, module in model.named_modules():
             if module_name in target_names:
@@ -686,13 +707,13 @@ class AdaptiveModelLoader:
         backends: dict[str, str] = {}
         ranges = mapped_ranges(source.folder)
         for layer, _ in tqdm(targets, desc=f"load {name} at {level.value}", unit="layer", disable=not self.show_progress):
-            module, backend, _ = self._quantize_layer(source, layer, level, ranges=ranges, model_key=key)
+            module, backend, _ = self._quantize_layer(source, layer, plan[layer], ranges=ranges, model_key=key)
             _swap(model, layer, module)
             backends[layer] = backend
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise WeightsError(f"weights in {str(source.folder)!r} lack {len(missing)} tensor(s), e.g. {missing[:3]}")
-        return model, backends
+        return model, backends, plan
 
     def _quantize_layer(
         self, source: WeightSource, layer: str, level: QuantizationLevel, backend_name: Optional[str] = None,
@@ -730,6 +751,9 @@ class AdaptiveModelLoader:
         rss_before, anon_before = process_memory()
         bytes_before = loaded.stored_bytes
         layers = list(loaded.layer_backends)
+        plan = plan_levels(layers, level, self.mixed_precision)
+        # a layer already stored at its planned level (mixed precision) keeps its module
+        layers = [layer for layer in layers if loaded.layer_levels.get(layer, previous) is not plan[layer]]
         swapped: list[str] = []
         new_backends = dict(loaded.layer_backends)
         source = loaded.source
@@ -741,7 +765,7 @@ class AdaptiveModelLoader:
             since_trim = 0
             try:
                 for layer in progress:
-                    module, backend, cached = self._quantize_layer(source, layer, level, ranges=ranges, model_key=loaded.key)
+                    module, backend, cached = self._quantize_layer(source, layer, plan[layer], ranges=ranges, model_key=loaded.key)
                     _swap(loaded.model, layer, module)
                     swapped.append(layer)
                     new_backends[layer] = backend
@@ -767,6 +791,7 @@ class AdaptiveModelLoader:
             raise SwitchError(message, previous.value) from error
         loaded.level = level
         loaded.layer_backends = new_backends
+        loaded.layer_levels = {layer: plan[layer] for layer in new_backends}
         release_memory()
         loaded.stored_bytes = stored_bytes(loaded.model)
         rss_after, anon_after = process_memory()
@@ -783,7 +808,8 @@ class AdaptiveModelLoader:
     def _roll_back(self, loaded: LoadedModel, source: WeightSource, swapped: list[str]) -> None:
         for layer in swapped:
             module, _, _ = self._quantize_layer(
-                source, layer, loaded.level, loaded.layer_backends[layer], model_key=loaded.key
+                source, layer, loaded.layer_levels.get(layer, loaded.level), loaded.layer_backends[layer],
+                model_key=loaded.key,
             )
             _swap(loaded.model, layer, module)
 

@@ -2,21 +2,17 @@
 
 Import cost is small: the optional libraries (bitsandbytes, torchao, optimum-quanto) are imported
 only when a backend is asked whether it is available or to quantize something. Their known
-start-up notices are filtered first (see :mod:`langchain_adaptquant.backends.quiet`).
+start-up notices are filtered by the package's ``__init__`` (see :mod:`langchain_adaptquant.quiet_start`).
 """
 
-from langchain_adaptquant.backends.quiet import quiet_third_party_notices
-
-quiet_third_party_notices()  # before any backend imports its library: they log at import time
-
-from langchain_adaptquant.backends.base import (  # noqa: E402
+from langchain_adaptquant.backends.base import (
     BackendError,
     QuantizationBackend,
     UnsupportedLevelError,
     compute_dtype,
     device_type,
 )
-from langchain_adaptquant.backends.registry import (  # noqa: E402
+from langchain_adaptquant.backends.registry import (
     PREFERENCE,
     all_backends,
     available_backends,
