@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from langchain_adaptquant.accounting import stored_bytes
 from langchain_adaptquant.backends.base import UnsupportedLevelError, compute_dtype
-from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback
+from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback, recipe
 from langchain_adaptquant.errors import (
     AdaptQuantError,
     InsufficientMemoryError,
@@ -45,6 +45,7 @@ from langchain_adaptquant.layer_cache import LayerCache
 from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision, plan_levels
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.quality import PROFILE_TOKENS, QualityProfile, heldout_text, text_ids, weights_fingerprint
 from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
 from langchain_adaptquant.sizing import ModelSize, size_from_model, size_of
 from langchain_adaptquant.weights import WeightSource, resolve_model_folder
@@ -230,6 +231,10 @@ class LoadedModel:
     switches: list[SwitchRecord] = field(default_factory=list)
     #: The level each quantizable Linear is stored at (mixed precision keeps some one level up).
     layer_levels: dict[str, QuantizationLevel] = field(default_factory=dict)
+    #: Measured agreement with 16-bit per level (None: no tokenizer, or measuring is off).
+    quality: Optional[QualityProfile] = None
+    #: Token ids the quality profile scores (the held-out text's start, in this model's tokens).
+    quality_ids: Optional[list[int]] = field(default=None, repr=False)
     switch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -283,6 +288,7 @@ class LoadedModel:
             "parameters": self.size.total_params,
             "backends": self.backend_summary(),
             "layer_levels": self.level_summary(),
+            "quality": self.quality.to_dict() if self.quality is not None else None,
             "load_seconds": round(self.load_seconds, 3),
             "access_count": self.access_count,
             "last_access": self.last_access,
@@ -329,13 +335,18 @@ class AdaptiveModelLoader:
         show_progress: bool = True,
         layer_cache_gb: Optional[float] = None,
         mixed_precision: MixedPrecision = DEFAULT_MIXED_PRECISION,
+        measure_quality: bool = True,
     ) -> None:
         """``layer_cache_gb`` bounds the disk used to keep quantized layers for switching back to a
         level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`.
-        ``mixed_precision`` names the layers kept one level up (see :mod:`langchain_adaptquant.layer_plan`)."""
+        ``mixed_precision`` names the layers kept one level up (see :mod:`langchain_adaptquant.layer_plan`).
+        ``measure_quality``: score each level once per model against 16-bit (one forward pass of
+        the quality probe on first visit; see :mod:`langchain_adaptquant.quality`), kept in
+        ``<cache_dir>/quality/<weights fingerprint>.json``."""
         if not isinstance(mixed_precision, MixedPrecision):
             raise TypeError(f"mixed_precision must be a MixedPrecision, got {type(mixed_precision).__name__}")
         self.mixed_precision = mixed_precision
+        self.measure_quality_enabled = bool(measure_quality)
         self.manager = manager or DynamicQuantizationManager(device=device)
         self.device = device or self.manager.device
         self.cache_budget_gb = validate_budget_gb(cache_budget_gb, name="cache_budget_gb")
@@ -419,8 +430,9 @@ class AdaptiveModelLoader:
         self, loaded: LoadedModel, task_priority: TaskPriority | str, model_size_params: Optional[float]
     ) -> tuple[Optional[SwitchRecord], str]:
         size = size_of(model_size_params) if model_size_params is not None else loaded.size
+        quality = loaded.quality.agreement_map() if loaded.quality is not None else None
         verdict = self.manager.should_reoptimize(
-            loaded.level, size, task_priority, model_key=loaded.key, current_bytes=loaded.stored_bytes
+            loaded.level, size, task_priority, model_key=loaded.key, current_bytes=loaded.stored_bytes, quality=quality
         )
         loaded.last_decision_reason = verdict.reason
         if not verdict:
@@ -446,9 +458,64 @@ class AdaptiveModelLoader:
             loaded.weights_version += 1  # odd while layers are being swapped
             try:
                 with self.layer_cache.writes_held():  # cache writes wait: they would slow the switch
-                    return self._switch(loaded, level, reason)
+                    record = self._switch(loaded, level, reason)
             finally:
                 loaded.weights_version += 1
+            self._profile_level(loaded)  # still under the switch lock: no other switch can interleave
+            return record
+
+    # -- quality profile ----------------------------------------------------------------------
+    def _attach_quality(self, loaded: LoadedModel) -> None:
+        """Give a fresh model its profile (read from disk when this weights+recipe was measured before)."""
+        if not self.measure_quality_enabled or loaded.tokenizer is None:
+            return
+        try:
+            key = weights_fingerprint(loaded.folder)
+            path = self.cache_dir / "quality" / f"{key}.json"
+            loaded.quality = QualityProfile(key, f"{recipe(self.device)}|{self.mixed_precision.describe()}", path)
+            loaded.quality_ids = text_ids(loaded.tokenizer, heldout_text(), PROFILE_TOKENS)
+        except Exception as error:  # noqa: BLE001 - quality is advisory: never fail a load for it
+            logger.warning("no quality profile for %s: %s", loaded.name, error)
+            loaded.quality = None
+            return
+        self._profile_level(loaded)
+
+    def _profile_level(self, loaded: LoadedModel) -> None:
+        """Measure the model's current level if the profile lacks it (one forward pass)."""
+        profile, ids = loaded.quality, loaded.quality_ids
+        if profile is None or not ids or not profile.needs(loaded.level):
+            return
+        try:
+            result = profile.measure(loaded.model, ids, loaded.level)
+        except Exception as error:  # noqa: BLE001 - as above
+            logger.warning("measuring quality of %s at %s failed: %s", loaded.name, loaded.level.value, error)
+            return
+        if result is not None:
+            logger.info("quality of %s at %s: top-1 agreement %.3f with 16-bit (%d tokens, %.2fs)",
+                        loaded.name, loaded.level.value, result.agreement, result.tokens, result.seconds)
+
+    def measure_quality(self, loaded: LoadedModel, levels: Iterable[QuantizationLevel | str]) -> dict[str, Any]:
+        """Measure ``levels`` now (16-bit first, as the reference), then return to the model's level.
+
+        This switches the serving model through those levels (requests keep running, at whatever
+        level each layer has): call it at deployment or while idle. Levels already in the profile,
+        here or from an earlier run on the same weights, are not visited again.
+        """
+        wanted = [QuantizationLevel.parse(level) for level in levels]
+        for level in wanted:
+            self.check_level_available(level)
+        if loaded.quality is None:
+            raise AdaptQuantError(f"model {loaded.name!r} has no quality profile (no tokenizer, or measure_quality=False)")
+        start = loaded.level
+        for level in [QuantizationLevel.FP16, *wanted]:
+            if loaded.quality.needs(level):
+                if loaded.level is level:
+                    self._profile_level(loaded)
+                else:
+                    self.requantize(loaded, level, reason=f"measuring quality at {level.value}")
+        if loaded.level is not start:
+            self.requantize(loaded, start, reason="back after measuring quality")
+        return loaded.quality.to_dict()
 
     def get(self, key_or_path: str | Path) -> Optional[LoadedModel]:
         with self._lock:
@@ -661,6 +728,7 @@ class AdaptiveModelLoader:
             last_decision_reason=reason,
         )
         loaded.access_count = 1
+        self._attach_quality(loaded)
         with self._lock:
             self._cache[key] = loaded
         self.manager.record_switch(key, level)

@@ -269,6 +269,27 @@ class QualityProfile:
             pass  # a profile that cannot be kept is measured again next time; never fail serving
 
 
+def weights_fingerprint(folder: Path) -> str:
+    """A cheap identity of the weights in ``folder``: each safetensors file's name, size, header
+    (names, dtypes, shapes, offsets) and first and last MiB. Reading a whole 7B file would take
+    minutes; a changed tensor that keeps its header and both ends is the one case this misses."""
+    import hashlib
+    import struct
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            digest.update(handle.read(min(header_len, 100 * 2**20)))
+            digest.update(handle.read(2**20))
+            handle.seek(max(0, size - 2**20))
+            digest.update(handle.read(2**20))
+    return digest.hexdigest()[:32]
+
+
 def agreement_entries(profile: Optional[QualityProfile], levels: Sequence[QuantizationLevel]) -> Mapping[str, Any]:
     """``{level: entry}`` for status endpoints; every level says measured or not."""
     if profile is None:

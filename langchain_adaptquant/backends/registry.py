@@ -165,6 +165,14 @@ def backend_preference(level: LevelLike, device: DeviceLike = "cpu") -> list[Qua
     ]
 
 
+def recipe(device: DeviceLike = "cpu") -> str:
+    """What decides the stored weights on ``device``: each level's backend order and the backends'
+    settings. Measurements made under one recipe (the quality profile) are not reused under another."""
+    kind = device_type(device)
+    parts = [f"{level.value}:" + ",".join(repr(b) for b in backend_preference(level, kind)) for level in LEVELS_BY_PRECISION]
+    return f"{kind}|" + "|".join(parts)
+
+
 def available_levels(device: DeviceLike = "cpu") -> list[QuantizationLevel]:
     """Levels with at least one available backend on ``device``, most precise first."""
     return [level for level in LEVELS_BY_PRECISION if backend_preference(level, device)]
