@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from langchain_adaptquant.backends.quiet import KNOWN_NOTICES
+from langchain_adaptquant.quiet_start import KNOWN_NOTICES
 
 #: The lines the issue quotes, as they appear on a CPU build of torch 2.13 with torchao 0.18.
 NOISE = ("_C_mxfp8", "_C_cutlass_90a", "is an Enum subclass", "gemm_4bit_forward from kernels-community")
