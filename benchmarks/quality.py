@@ -44,6 +44,7 @@ from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION, UNIFORM, Mi
 from langchain_adaptquant.levels import QuantizationLevel  # noqa: E402
 from langchain_adaptquant.quality import (  # noqa: E402
     PROBE_PROMPTS,
+    PROFILE_TOKENS,
     TextScore,
     answer_matches,
     heldout_text,
@@ -87,12 +88,15 @@ CONFIGS: tuple[Config, ...] = (
            DEFAULT_MIXED_PRECISION, default=True),
     Config("int2pack g32 hqq + v/down + first/last int4", "int2", ("int2pack", "quanto"), (Int2PackBackend(32, "hqq"),),
            DEFAULT_MIXED_PRECISION),
+    Config("int2pack g32: only MLP gate/up at int2", "int2", ("int2pack", "quanto"), (Int2PackBackend(32, "minmax"),),
+           MixedPrecision(INT2, first_blocks=1, last_blocks=1,
+                          kinds=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))),
 )
 COLUMNS = (
     ("model", "model"), ("level", "level"), ("config", "backend / config"), ("default", "default"),
     ("layer_levels", "layers per level"), ("stored_mb", "stored MB"), ("estimate_error_percent", "est. err %"),
     ("perplexity", "ppl"), ("ppl_over_bf16_percent", "ppl vs bf16 %"), ("top1_agreement", "top-1 vs bf16"),
-    ("probe_correct", "probe right"), ("probe_kept", "bf16's facts kept"), ("degenerate", "degenerate"),
+    ("profile_agreement", "profile top-1 (256 tok)"), ("probe_correct", "probe right"), ("probe_kept", "bf16's facts kept"), ("degenerate", "degenerate"),
     ("load_s", "load s"),
 )
 
@@ -160,6 +164,10 @@ def bench_config(name: str, folder: Path, config: Config, ids: list[int], args: 
     else:
         row["ppl_over_bf16_percent"] = round(100 * (score.perplexity / reference["score"].perplexity - 1), 2)
         row["top1_agreement"] = round(score.agreement(reference["score"]), 4)
+        # what the runtime profile measures: the first PROFILE_TOKENS positions (causal: same context)
+        first = TextScore(0.0, PROFILE_TOKENS, score.top1[:PROFILE_TOKENS])
+        row["profile_agreement"] = round(first.agreement(TextScore(0.0, PROFILE_TOKENS,
+                                                                   reference["score"].top1[:PROFILE_TOKENS])), 4)
         base = reference["correct"]
         if answers:
             kept = sum(1 for mine, theirs in zip(correct, base) if mine and theirs)

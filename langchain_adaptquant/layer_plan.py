@@ -38,7 +38,9 @@ class MixedPrecision:
     """Layers that keep one level more when the model is at one of ``at_levels``.
 
     A layer is kept when its block is among the first ``first_blocks`` or last ``last_blocks``, or
-    its name ends with one of ``kinds`` (e.g. ``"v_proj"``, ``"down_proj"``).
+    its name ends with one of ``kinds`` (e.g. ``"v_proj"``, ``"down_proj"``). The block rule applies
+    only while it keeps at most a quarter of the blocks: on a 2-block model "first and last" would be
+    the whole model, and the level would store nothing at its own bits.
     """
 
     at_levels: frozenset[QuantizationLevel] = frozenset()
@@ -61,7 +63,7 @@ class MixedPrecision:
         if any(layer == kind or layer.endswith("." + kind) for kind in self.kinds):
             return True
         index = block_index(layer)
-        if index is None:
+        if index is None or self.first_blocks + self.last_blocks > blocks // 4:
             return False
         return index < self.first_blocks or index >= blocks - self.last_blocks
 

@@ -15,7 +15,7 @@ from langchain_adaptquant.model_zoo import model_config
 from langchain_adaptquant.sizing import DEFAULT_LAYOUTS, size_from_config, size_from_params
 
 INT8, INT4, INT2 = QuantizationLevel.INT8, QuantizationLevel.INT4, QuantizationLevel.INT2
-NAMES = [f"model.layers.{b}.{kind}" for b in range(4) for kind in
+NAMES = [f"model.layers.{b}.{kind}" for b in range(8) for kind in
          ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
 
 
@@ -28,11 +28,18 @@ def test_block_index_reads_common_layouts():
 def test_default_keeps_v_down_and_the_first_and_last_blocks_at_int4_when_at_int2():
     plan = plan_levels(NAMES, INT2, DEFAULT_MIXED_PRECISION)
     kept = {name for name, level in plan.items() if level is INT4}
-    assert kept == {n for n in NAMES if ".layers.0." in n or ".layers.3." in n or n.endswith(("v_proj", "down_proj"))}
+    assert kept == {n for n in NAMES if ".layers.0." in n or ".layers.7." in n or n.endswith(("v_proj", "down_proj"))}
     assert all(level is INT2 for name, level in plan.items() if name not in kept)
     # other levels are untouched by a rule made for INT2
     assert set(plan_levels(NAMES, INT4, DEFAULT_MIXED_PRECISION).values()) == {INT4}
     assert set(plan_levels(NAMES, INT2, UNIFORM).values()) == {INT2}
+
+
+def test_the_block_rule_stays_off_where_it_would_keep_most_of_the_model():
+    two_blocks = [n for n in NAMES if ".layers.0." in n or ".layers.1." in n]
+    plan = plan_levels(two_blocks, INT2, DEFAULT_MIXED_PRECISION)
+    assert plan["model.layers.0.mlp.up_proj"] is INT2  # first/last would be everything: off
+    assert plan["model.layers.0.mlp.down_proj"] is INT4  # the kinds still apply
 
 
 def test_one_level_up_from_int8_is_16_bit():
