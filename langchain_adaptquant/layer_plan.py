@@ -99,8 +99,9 @@ def count_blocks(layers: Iterable[str]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def plan_levels(layers: Iterable[str], level: QuantizationLevel, rule: MixedPrecision) -> dict[str, QuantizationLevel]:
+def plan_levels(layers: Iterable[str], level: QuantizationLevel | str, rule: MixedPrecision) -> dict[str, QuantizationLevel]:
     """Level of every layer when the model is at ``level``."""
+    level = QuantizationLevel.parse(level)
     names = list(layers)
     blocks = count_blocks(names)
     return {name: rule.level_for(name, level, blocks) for name in names}
