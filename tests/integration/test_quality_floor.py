@@ -41,6 +41,7 @@ def test_profile_measures_each_level_once_and_returns_to_the_serving_level(measu
     loader.measure_quality(loaded, ["int4", "int2"])  # already measured: no switch at all
     assert len(loaded.switches) == switches
     assert list((cache / "quality").glob("*.json")), "the profile is kept beside the layer cache"
+    assert loader.stats()[0]["quality"]["levels"] == levels  # what /status lists per cached model
 
 
 def test_a_new_loader_reads_the_kept_profile_instead_of_measuring(measured):
