@@ -240,15 +240,20 @@ class QualityProfile:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return
-        if data.get("key") != self.key or data.get("recipe") != self.recipe or data.get("method") != PROFILE_METHOD:
+        if not isinstance(data, dict) or data.get("key") != self.key or data.get("recipe") != self.recipe \
+                or data.get("method") != PROFILE_METHOD:
             return  # other weights, other backends or another method: measure again
-        ref = data.get("reference")
-        if ref:
-            self._reference = TextScore(float(ref["nll"]), int(ref["tokens"]), tuple(int(t) for t in ref["top1"]))
-        for name, item in (data.get("levels") or {}).items():
-            QuantizationLevel.parse(name)
-            self._levels[name] = LevelQuality(name, float(item["agreement"]), float(item["perplexity_ratio"]),
-                                              int(item["tokens"]), float(item["seconds"]), float(item["measured_at"]))
+        try:
+            ref = data.get("reference")
+            reference = TextScore(float(ref["nll"]), int(ref["tokens"]), tuple(int(t) for t in ref["top1"])) if ref else None
+            levels = {}
+            for name, item in (data.get("levels") or {}).items():
+                level = QuantizationLevel.parse(name).value
+                levels[level] = LevelQuality(level, float(item["agreement"]), float(item["perplexity_ratio"]),
+                                             int(item["tokens"]), float(item["seconds"]), float(item["measured_at"]))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return  # a damaged file is ignored (and replaced by the next measurement), never trusted in part
+        self._reference, self._levels = reference, levels
 
     def _save(self) -> None:
         if self.path is None:

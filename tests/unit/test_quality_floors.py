@@ -79,3 +79,19 @@ def test_text_score_agreement_and_perplexity():
     other = TextScore(nll=8.0, tokens=4, top1=(1, 2, 0, 4))
     assert other.agreement(ref) == 0.75
     assert other.perplexity / ref.perplexity == pytest.approx(2.718281828 ** 1.0)
+
+
+def test_a_damaged_or_foreign_profile_file_is_ignored(tmp_path):
+    from langchain_adaptquant.quality import PROFILE_METHOD, QualityProfile
+
+    path = tmp_path / "p.json"
+    path.write_text('{"key": "k", "recipe": "r", "method": "%s", "levels": {"int3": {"agreement": 1}}}' % PROFILE_METHOD)
+    assert QualityProfile("k", "r", path).to_dict()["levels"]["int4"]["source"] == "not measured"
+    path.write_text("not json")
+    assert QualityProfile("k", "r", path).agreement_map() == {}
+    good = ('{"key": "k", "recipe": "r", "method": "%s", "reference": null, "levels": {"int4": {"agreement": 0.9, '
+            '"perplexity_ratio": 1.1, "tokens": 8, "seconds": 0.1, "measured_at": 1.0}}}' % PROFILE_METHOD)
+    path.write_text(good)
+    assert QualityProfile("k", "r", path).entry("int4")["agreement"] == 0.9
+    assert QualityProfile("other weights", "r", path).entry("int4")["source"] == "not measured"
+    assert QualityProfile("k", "other backends", path).entry("int4")["source"] == "not measured"
