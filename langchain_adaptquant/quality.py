@@ -123,6 +123,8 @@ class TextScore:
 def text_ids(tokenizer: Any, text: str, limit: Optional[int] = None) -> list[int]:
     """The text's token ids after the tokenizer's BOS (or EOS) token, at most ``limit`` predicted tokens."""
     first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if limit is not None:  # a prefix is enough (tokens are >= 1 char); also keeps tokenizers from
+        text = text[: 16 * (limit + 1)]  # warning about texts longer than the model's context
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = ([int(first)] if first is not None else []) + list(ids)
     return ids[: limit + 1] if limit is not None else ids
