@@ -336,17 +336,20 @@ class AdaptiveModelLoader:
         layer_cache_gb: Optional[float] = None,
         mixed_precision: MixedPrecision = DEFAULT_MIXED_PRECISION,
         measure_quality: bool = True,
+        quality_dir: Optional[str | Path] = None,
     ) -> None:
         """``layer_cache_gb`` bounds the disk used to keep quantized layers for switching back to a
         level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`.
         ``mixed_precision`` names the layers kept one level up (see :mod:`langchain_adaptquant.layer_plan`).
         ``measure_quality``: score each level once per model against 16-bit (one forward pass of
-        the quality probe on first visit; see :mod:`langchain_adaptquant.quality`), kept in
-        ``<cache_dir>/quality/<weights fingerprint>.json``."""
+        the quality probe on first visit; see :mod:`langchain_adaptquant.quality`). The profile
+        lives with the cached model; with ``quality_dir`` it is also kept there as
+        ``<weights fingerprint>.json`` and read back by later loads of the same weights."""
         if not isinstance(mixed_precision, MixedPrecision):
             raise TypeError(f"mixed_precision must be a MixedPrecision, got {type(mixed_precision).__name__}")
         self.mixed_precision = mixed_precision
         self.measure_quality_enabled = bool(measure_quality)
+        self.quality_dir = Path(quality_dir) if quality_dir is not None else None
         self.manager = manager or DynamicQuantizationManager(device=device)
         self.device = device or self.manager.device
         self.cache_budget_gb = validate_budget_gb(cache_budget_gb, name="cache_budget_gb")
@@ -470,8 +473,8 @@ class AdaptiveModelLoader:
         if not self.measure_quality_enabled or loaded.tokenizer is None:
             return
         try:
-            key = weights_fingerprint(loaded.folder)
-            path = self.cache_dir / "quality" / f"{key}.json"
+            key = weights_fingerprint(loaded.folder) if self.quality_dir is not None else loaded.key
+            path = self.quality_dir / f"{key}.json" if self.quality_dir is not None else None
             loaded.quality = QualityProfile(key, f"{recipe(self.device)}|{self.mixed_precision.describe()}", path)
             loaded.quality_ids = text_ids(loaded.tokenizer, heldout_text(), PROFILE_TOKENS)
         except Exception as error:  # noqa: BLE001 - quality is advisory: never fail a load for it

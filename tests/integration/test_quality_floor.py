@@ -21,7 +21,8 @@ def measured(tmp_path_factory):
     probe = ScriptedProbe(total_gb=64, used_percent=10)
     manager = DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0.0)
     cache = tmp_path_factory.mktemp("aq-cache")
-    loader = AdaptiveModelLoader(manager=manager, cache_dir=cache, show_progress=False, layer_cache_gb=0)
+    loader = AdaptiveModelLoader(manager=manager, cache_dir=cache, show_progress=False, layer_cache_gb=0,
+                                 quality_dir=cache / "quality")
     loaded = loader.load_model(reference_model_path(), force_quantization="fp16")
     profile = loader.measure_quality(loaded, ["int4", "int2"])
     yield loader, loaded, probe, profile, cache
@@ -40,19 +41,24 @@ def test_profile_measures_each_level_once_and_returns_to_the_serving_level(measu
     switches = len(loaded.switches)
     loader.measure_quality(loaded, ["int4", "int2"])  # already measured: no switch at all
     assert len(loaded.switches) == switches
-    assert list((cache / "quality").glob("*.json")), "the profile is kept beside the layer cache"
+    assert list((cache / "quality").glob("*.json")), "with quality_dir the profile is kept on disk"
     assert loader.stats()[0]["quality"]["levels"] == levels  # what /status lists per cached model
 
 
 def test_a_new_loader_reads_the_kept_profile_instead_of_measuring(measured):
     _, loaded, _, profile, cache = measured
     other = AdaptiveModelLoader(manager=DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=10)),
-                                cache_dir=cache, show_progress=False, layer_cache_gb=0)
+                                cache_dir=cache, show_progress=False, layer_cache_gb=0, quality_dir=cache / "quality")
     again = other.load_model(reference_model_path(), force_quantization="int8")
     assert again.quality.to_dict()["levels"]["int2"] == profile["levels"]["int2"]
     # the 16-bit reference came from the file too, so a level never seen before is measured at load
     assert again.quality.get("int8") is not None and 0.0 < again.quality.get("int8").agreement <= 1.0
     other.clear()
+    # without quality_dir a profile lives only with the cached model: a new loader measures afresh
+    fresh = AdaptiveModelLoader(manager=DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=10)),
+                                cache_dir=cache, show_progress=False, layer_cache_gb=0)
+    assert fresh.load_model(reference_model_path(), force_quantization="int8").quality.get("int2") is None
+    fresh.clear()
 
 
 def test_balanced_refuses_a_below_floor_level_under_load_and_takes_it_under_memory_pressure(measured):
