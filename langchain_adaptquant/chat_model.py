@@ -352,6 +352,9 @@ class ChatAdaptQuant(BaseChatModel):
             "memory": snapshot.to_dict(),
             "model_size_mb": round(loaded.stored_bytes / 2**20, 2),
             "decision_reason": call.reason,
+            # measured top-1 agreement of this level with 16-bit (or "not measured"): langchain_adaptquant.quality
+            "quality": (loaded.quality.entry(call.level or loaded.level) if loaded.quality is not None
+                        else {"agreement": None, "source": "not measured"}),
             "switches": [record.to_dict() for record in call.switches],
             # another request switched the model while this one generated: its layers were swapped
             # one by one mid-answer, so the answer mixes levels (still well-formed)

@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     from langchain_adaptquant.serve_ray import cli as ray_cli
 
     parser = argparse.ArgumentParser(prog="adaptquant", description="Adaptive quantization for local LLMs.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log at DEBUG, including the quantization libraries' start-up notices")
     sub = parser.add_subparsers(dest="command", required=True)
 
     calc = sub.add_parser("calculate", help="the level a model of this size would get now")
@@ -343,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("langchain_adaptquant").setLevel(logging.DEBUG)
     try:
         return int(args.func(args))
     except (AdaptQuantError, ValueError) as error:

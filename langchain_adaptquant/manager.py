@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -157,6 +157,7 @@ class DynamicQuantizationManager:
         current_level: Optional[QuantizationLevel],
         current_bytes: Optional[int],
         active_requests: Optional[int],
+        quality: Optional[Mapping[QuantizationLevel, float]] = None,
     ) -> PolicyInputs:
         snap = self.snapshot()
         level_bytes = _level_bytes(size)
@@ -172,6 +173,7 @@ class DynamicQuantizationManager:
             current_level=current_level,
             current_bytes=current_bytes or 0,
             available_levels=self.available_levels,
+            quality=dict(quality or {}),
         )
 
     # -- questions ------------------------------------------------------------------------------
@@ -182,11 +184,14 @@ class DynamicQuantizationManager:
         current_level: Optional[QuantizationLevel | str] = None,
         current_bytes: Optional[int] = None,
         active_requests: Optional[int] = None,
+        quality: Optional[Mapping[QuantizationLevel, float]] = None,
     ) -> Decision:
-        """The policy's decision with the live snapshot and load; no hysteresis."""
+        """The policy's decision with the live snapshot and load; no hysteresis. ``quality`` is the
+        model's measured agreement per level (its quality profile), for the priority's quality floor."""
         priority = TaskPriority.parse(task_priority)
         level = QuantizationLevel.parse(current_level) if current_level is not None else None
-        inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests)
+        inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests,
+                              quality)
         return decide(inputs, self.policy)
 
     def calculate_optimal_quantization(
@@ -216,12 +221,13 @@ class DynamicQuantizationManager:
         model_key: str = "default",
         current_bytes: Optional[int] = None,
         now: Optional[float] = None,
+        quality: Optional[Mapping[QuantizationLevel, float]] = None,
     ) -> ReoptimizeDecision:
         """Should the model at ``current_level`` switch now? Call :meth:`record_switch` once it did."""
         level = QuantizationLevel.parse(current_level)
         now = self._clock() if now is None else now
         try:
-            decision = self.decide(model_size_params, task_priority, level, current_bytes)
+            decision = self.decide(model_size_params, task_priority, level, current_bytes, quality=quality)
         except InsufficientMemoryError as error:
             # The model is already resident: failing its requests would not free anything. Shrink it
             # to the smallest level at once and keep serving.
