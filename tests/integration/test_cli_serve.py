@@ -133,6 +133,9 @@ def test_live_demo_runs_the_seed_timeline_with_real_switches(capsys, tiny_chat_d
     assert "telemetry: 11 calls, 0 errors" in out
 
 
-def test_demo_without_the_model_is_a_clear_error(capsys, tmp_path):
+def test_demo_without_the_model_is_a_clear_error(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "demo", "--model", str(tmp_path / "missing"))
-    assert code == 2 and "pass --model PATH" in err
+    assert code == 2 and f"model path '{tmp_path / 'missing'}' does not exist" in err
+    monkeypatch.setenv("ADAPTQUANT_CACHE_DIR", str(tmp_path))  # an empty store: nothing pulled
+    code, _, err = run(capsys, "demo", "--model", "gemma3-270m")
+    assert code == 2 and "run `adaptquant models pull gemma3-270m`" in err
