@@ -1,6 +1,6 @@
 """What each level keeps of a model's 16-bit answers, per backend and configuration, with its bytes.
 
-    python benchmarks/quality.py --models /work/models/smollm2-135m-instruct [--configs default]
+    python benchmarks/quality.py --models smollm2-135m [--configs default]
 
 For each model and each configuration (a level, the backend that stores it, its group size and
 scale algorithm, and which layers mixed precision keeps one level up), a fresh forced load gives:
@@ -178,8 +178,8 @@ def bench_config(name: str, folder: Path, config: Config, ids: list[int], args: 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="/work/models/smollm2-135m-instruct",
-                        help="comma-separated model folders, 'reference' or model-zoo names")
+    parser.add_argument("--models", default="smollm2-135m",
+                        help="comma-separated model folders, pulled catalog names (smollm2-135m), 'reference' or model-zoo names")
     parser.add_argument("--configs", default="all", help="'all', 'default', or comma-separated config names")
     parser.add_argument("--window", type=int, default=512, help="predicted tokens per forward pass")
     parser.add_argument("--heldout-tokens", type=int, default=None, help="score only the first N tokens")
