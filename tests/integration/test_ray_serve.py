@@ -243,6 +243,7 @@ def test_cli_serve_ray_autoscales_on_the_cluster_and_removes_only_its_app(cluste
     address = ray._private.worker.global_worker.node.address
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("adaptquant")), "serve", "--ray", "--ray-address", address, "--port", port,
+         "--model", str(reference_model_path()),  # the fast fixture, not the pulled default model
          "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1", "--upscale-delay-s", "0",
          "--num-cpus-per-replica", "0.5", "--token", TOKEN, "--max-queue", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

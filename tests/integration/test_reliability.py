@@ -108,8 +108,9 @@ def test_real_ballast_downgrades_then_freeing_it_upgrades(tiny_chat_dir):
     while meta["quantization_level"] == "int2" and time.monotonic() < deadline:
         meta = llm.invoke("hi").response_metadata
         time.sleep(0.1)
-    # upgraded after the cooldown; how far depends on what the rest of the machine uses by then
-    assert meta["quantization_level"] in ("fp16", "int8"), meta["decision_reason"]
+    # upgraded after the cooldown; how far depends on what the rest of the machine uses by then (a
+    # shared CI machine measured 58% projected once: moderate, where headroom can settle on int4)
+    assert meta["quantization_level"] in ("fp16", "int8", "int4"), meta["decision_reason"]
     assert "upgrade" in meta["decision_reason"], meta["decision_reason"]
 
 

@@ -11,6 +11,8 @@ Skipped when the model has not been pulled; ``make test`` pulls it (``adaptquant
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 
 import pytest
 from langchain_core.language_models import BaseChatModel
@@ -43,6 +45,13 @@ PROSE = pytest.mark.xfail(
 
 
 @functools.lru_cache(maxsize=1)
+def _second_model() -> str:
+    from tiny_models import build_tiny_chat
+
+    return str(build_tiny_chat(Path(tempfile.mkdtemp(prefix="adaptquant-override-"))))
+
+
+@functools.lru_cache(maxsize=1)
 def _loader() -> AdaptiveModelLoader:
     manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=20), snapshot_ttl_s=0)
     return AdaptiveModelLoader(manager=manager, show_progress=False)
@@ -67,7 +76,7 @@ class TestSmolLM2Integration(ChatModelIntegrationTests):
 
     @property
     def model_override_value(self) -> str:
-        return str(pretrained.model_path("smollm2-135m"))
+        return _second_model()  # a different folder, so the override is seen in model_name
 
     # -- what the model cannot do (measured on SmolLM2-135M-Instruct, bf16 copy, greedy) ---------------
     # Forced and required tool calls pass: the grammar makes the call well-formed and the model picks
