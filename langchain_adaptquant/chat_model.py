@@ -31,17 +31,18 @@ from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser,
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
+from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from langchain_adaptquant import chat_format
-from langchain_adaptquant.assets import reference_model_path
+from langchain_adaptquant import chat_format, constrained, generation
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.generation import GenerationResult
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
 from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.pretrained.store import default_chat_model
 from langchain_adaptquant.runtime import GenerationRequest, RequestHandle, Sampling
 
 REQUANTIZE_EVENT = "adaptquant.requantize"
@@ -77,8 +78,10 @@ class ChatAdaptQuant(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), populate_by_name=True)
 
-    model: str = Field(default_factory=lambda: str(reference_model_path()))
-    """Local model folder or a hub id already in the local cache. Default: the embedded reference model."""
+    model: str = Field(default_factory=lambda: str(default_chat_model()))
+    """A local model folder, a pulled catalog name (``"smollm2-135m"``: ``adaptquant models pull``) or a hub
+    id already in the local cache. Default: SmolLM2-135M-Instruct when it has been pulled, else the
+    embedded 8.9M reference model (a test fixture that answers like a docstring)."""
     task_priority: TaskPriority = TaskPriority.BALANCED
     """quality keeps precision longer under load; speed gives it up sooner. Per call: ``task_priority=``."""
     force_quantization: Optional[QuantizationLevel] = None
@@ -107,10 +110,35 @@ class ChatAdaptQuant(BaseChatModel):
     """Levels to quantize into the loader's layer cache in a background thread after the model first
     loads (e.g. ``["int4", "int2"]``), so the first memory-forced switch there only reads them.
     Costs that quantization work once, in the background; levels this device lacks are skipped."""
+    constrained_decoding: bool = True
+    """Decode tool calls and JSON answers under a grammar (llguidance, the ``grammar`` extra), so they
+    always parse and match the schema; False lets the model write them freely."""
     manager: Optional[DynamicQuantizationManager] = Field(default=None, exclude=True)
     loader: Optional[AdaptiveModelLoader] = Field(default=None, exclude=True)
+    base_url: Optional[str] = None
+    """A remote adaptquant endpoint (``adaptquant serve``, or Ray Serve's proxy), e.g.
+    ``http://127.0.0.1:8000/v1``: generation runs there and its policy picks the level (see ``remote``)."""
+    api_key: Optional[SecretStr] = Field(default_factory=secret_from_env("ADAPTQUANT_TOKEN", default=None))
+    """Bearer token for ``base_url`` (default: the ``ADAPTQUANT_TOKEN`` environment variable)."""
 
     _own_loader: Optional[AdaptiveModelLoader] = PrivateAttr(default=None)
+    _remote: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> "ChatAdaptQuant":
+        if self.base_url is not None:
+            from langchain_adaptquant import remote
+
+            remote.check_fields(self)
+        return self
+
+    def _remote_chat(self) -> Any:
+        if self._remote is None:
+            from langchain_adaptquant.remote import RemoteChat
+
+            key = self.api_key.get_secret_value() if self.api_key else None
+            self._remote = RemoteChat(self.base_url, key, self.timeout)
+        return self._remote
 
     @field_validator("task_priority", mode="before")
     @classmethod
@@ -248,7 +276,8 @@ class ChatAdaptQuant(BaseChatModel):
         response_format = options["response_format"]
         if response_format:
             system_notes.append(_json_instruction(response_format))
-            prefill = prefill or "{"
+            if not self._constrains(options):  # a grammar opens the object itself
+                prefill = prefill or "{"
         if system_notes:
             note = "\n\n".join(system_notes)
             if chat and chat[0]["role"] == "system":
@@ -263,6 +292,47 @@ class ChatAdaptQuant(BaseChatModel):
                 "prompt length", f"{ids.shape[1]} tokens", f"fewer than the model's context of {context} tokens"
             )
         return ids, prefill
+
+    def _constrains(self, options: dict[str, Any]) -> bool:
+        """Whether this call decodes under a grammar: tools or a JSON answer, and llguidance installed."""
+        wants = bool(options["tools"] and options["tool_choice"] != "none") or bool(options["response_format"])
+        return wants and self.constrained_decoding and constrained.available()
+
+    def _grammar(self, options: dict[str, Any], prefill: str, tokenizer: Any) -> Optional[constrained.Grammar]:
+        """The grammar the answer must follow: one tool call when one is forced, an optional one under
+        ``auto``, a JSON value for structured output; None when the model writes freely."""
+        if not self._constrains(options):
+            return None
+        tools, choice = options["tools"], options["tool_choice"]
+        if tools and choice != "none":
+            tags = constrained.CallTags.for_tokenizer(tokenizer)
+            forced = chat_format.forced_tool_name(choice, tools)
+            if forced and prefill.startswith("<tool_call>"):
+                return constrained.Grammar(constrained.tool_call_grammar(tools, forced, prefill, tags), "tool call")
+            if choice in ("any", "required", True):
+                return constrained.Grammar(constrained.tool_call_grammar(tools, tags=tags), "tool call")
+            return constrained.Grammar(constrained.optional_tool_calls_grammar(tools, tags), "tool call")
+        response_format = options["response_format"]
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return constrained.Grammar(constrained.json_grammar(schema), "json")
+
+    def _stops_and_processor(self, options: dict[str, Any], loaded: LoadedModel, ids: torch.Tensor,
+                             prefill: str) -> tuple[tuple[str, ...], Optional[Any]]:
+        """This answer's stop strings (the caller's, then the model's own, e.g. a base model's next-turn
+        marker) and its logits processor: a fresh grammar processor (it is stateful) when the answer is
+        constrained, ahead of the caller's processor, if any."""
+        model_stops = tuple(getattr(loaded.model.generation_config, "stop_strings", None) or ())
+        stops = options["stop"] + tuple(stop for stop in model_stops if stop not in options["stop"])
+        grammar = self._grammar(options, prefill, loaded.tokenizer)
+        if grammar is None:
+            return stops, options["logits_processor"]
+        from transformers import LogitsProcessorList
+
+        processor = constrained.GrammarProcessor(
+            grammar, loaded.tokenizer, sorted(generation.eos_ids(loaded.model, loaded.tokenizer)), ids.shape[1]
+        )
+        user = options["logits_processor"]
+        return stops, LogitsProcessorList([processor] + ([user] if user is not None else []))
 
     def _message_parts(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
                        result: GenerationResult) -> tuple[str, list, list, str]:
@@ -288,11 +358,15 @@ class ChatAdaptQuant(BaseChatModel):
             "model_provider": "adaptquant",
             "quantization_level": level.value,  # the level the answer started at (its decision's)
             "precision": level.precision(loaded.device),
+            "source_format": loaded.source_format,
             "backend": loaded.backend,
             "backends": loaded.backend_summary(),
             "memory": snapshot.to_dict(),
             "model_size_mb": round(loaded.stored_bytes / 2**20, 2),
             "decision_reason": call.reason,
+            # measured top-1 agreement of this level with 16-bit (or "not measured"): langchain_adaptquant.quality
+            "quality": (loaded.quality.entry(level) if loaded.quality is not None
+                        else {"agreement": None, "source": "not measured"}),
             "switches": [record.to_dict() for record in call.switches],
             # the levels this answer's tokens were produced at, in order: a switch lands between two
             # decode steps, so each token has one level; more than one means a switch came mid-answer
@@ -320,13 +394,14 @@ class ChatAdaptQuant(BaseChatModel):
         max_new = options["max_tokens"]
         if context and ids.shape[1] + max_new > context:  # cap the answer to fit the context window
             max_new = max(1, context - ids.shape[1])
+        stops, processor = self._stops_and_processor(options, loaded, ids, prefill)
         request = GenerationRequest(
             prompt_ids=tuple(ids[0].tolist()),
             max_new_tokens=max_new,
-            stop=options["stop"],
+            stop=stops,
             sampling=options["sampling"],
             deadline=time.monotonic() + self.timeout if self.timeout else None,
-            logits_processor=options["logits_processor"],
+            logits_processor=processor,
         )
         return _Answer(self._loader(), loaded, call, request, prefill, self.max_retries)
 
@@ -415,6 +490,8 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[CallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self.base_url is not None:
+            return self._remote_chat().generate(self, messages, stop, run_manager, kwargs)
         options = self._call_options(stop, kwargs)
         return self._merged(list(self._chunks(messages, options, run_manager, stream=self.streaming)))
 
@@ -425,6 +502,9 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[CallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        if self.base_url is not None:
+            yield from self._remote_chat().stream(self, messages, stop, run_manager, kwargs)
+            return
         options = self._call_options(stop, kwargs)
         yield from self._chunks(messages, options, run_manager, stream=True)
 
@@ -435,6 +515,8 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self.base_url is not None:
+            return await self._remote_chat().agenerate(self, messages, stop, run_manager, kwargs)
         options = self._call_options(stop, kwargs)
         chunks = [chunk async for chunk in self._achunks(messages, options, run_manager, stream=self.streaming)]
         return self._merged(chunks)
@@ -446,6 +528,10 @@ class ChatAdaptQuant(BaseChatModel):
         run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        if self.base_url is not None:
+            async for chunk in self._remote_chat().astream(self, messages, stop, run_manager, kwargs):
+                yield chunk
+            return
         options = self._call_options(stop, kwargs)
         async for chunk in self._achunks(messages, options, run_manager, stream=True):
             yield chunk

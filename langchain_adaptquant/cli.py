@@ -115,14 +115,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _model_path(value: Optional[str]) -> str:
-    from langchain_adaptquant.assets import reference_model_path
+    """The model a command serves: as given (a folder or a catalog name), else the real chat model when
+    pulled (`adaptquant models pull smollm2-135m`), else the embedded reference model."""
+    from langchain_adaptquant.pretrained import default_chat_model
 
-    return value or str(reference_model_path())
+    return value or str(default_chat_model())
 
 
 def cmd_live_demo(args: argparse.Namespace) -> int:
     """The seed's timeline against a real model: real generation, real switches, a live table."""
-    from langchain_adaptquant.demo import progress_line, render, run_demo, switch_lines
+    from langchain_adaptquant.demo import progress_line, render, run_demo, switch_lines, transcript_lines
 
     try:
         from rich.console import Console
@@ -151,6 +153,9 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
         result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=line)
         if console is not None:
             console.print(render(rows, title))
+    print("answers (the first of each step, whole):", flush=True)
+    for text in transcript_lines(rows):
+        print(f"  {text}")
     print("switches (measured):", flush=True)
     for text in switch_lines(result.switches) or ["none"]:
         print(f"  {text}")
@@ -202,9 +207,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise InvalidValueError("command", "serve", f"an install with the server extra: pip install "
                                 f"'langchain-adaptquant[server]' ({error})") from None
+    from langchain_adaptquant.serve_ray import cli as ray_cli
+
     token = args.token or os.environ.get("ADAPTQUANT_TOKEN") or None
+    if args.ray:
+        return ray_cli.run(args, _model_path(args.model), token)
+    budget = ray_cli.check_plain_serve(args)
     return serve(_model_path(args.model), host=args.host, port=args.port, token=token, max_queue=args.max_queue,
-                 max_tokens_limit=args.max_tokens_limit, memory_budget_gb=args.memory_budget_gb,
+                 max_tokens_limit=args.max_tokens_limit, memory_budget_gb=budget,
                  preload=not args.no_preload, log_level=args.log_level)
 
 
@@ -266,8 +276,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_HELP = ("model folder or pulled catalog name, e.g. smollm2-135m (default: smollm2-135m when pulled, "
+               "else the embedded reference model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from langchain_adaptquant.serve_ray import cli as ray_cli
+
     parser = argparse.ArgumentParser(prog="adaptquant", description="Adaptive quantization for local LLMs.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log at DEBUG, including the quantization libraries' start-up notices")
     sub = parser.add_subparsers(dest="command", required=True)
 
     calc = sub.add_parser("calculate", help="the level a model of this size would get now")
@@ -284,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="the seed's re-optimization timeline, live on a real model (--replay: engine only)")
-    demo.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.add_argument("--priority", type=_priority, default="balanced")
-    demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=16, help="tokens per demo answer")
+    demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=24, help="tokens per demo answer")
     demo.add_argument("--replay", action="store_true", help="replay the timeline through the decision engine only")
     demo.add_argument("--params", type=_params, default=7.0, help="--replay: model size in billions")
     demo.add_argument("--total-gb", type=_budget, default=None,
@@ -294,19 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="REST API, OpenAI-compatible chat and dashboard for one model")
-    serve.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    serve.add_argument("--model", default=None, help=_MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback needs --token")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--token", default=None, help="bearer token for chat and cache/clear (or ADAPTQUANT_TOKEN)")
     serve.add_argument("--max-queue", type=_positive("max-queue"), default=16, help="chat requests in flight before 503")
     serve.add_argument("--max-tokens-limit", type=_positive("max-tokens-limit"), default=1024)
-    serve.add_argument("--memory-budget-gb", type=_budget, default=None)
+    serve.add_argument("--memory-budget-gb", type=ray_cli.budget_list, default=None,
+                       help="GiB the policy may count on; with --ray one per replica rank, e.g. 4,1.5")
     serve.add_argument("--no-preload", action="store_true", help="load the model on the first request instead")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray_cli.add_ray_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat on stdin/stdout, streaming, with the level per answer")
-    chat.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    chat.add_argument("--model", default=None, help=_MODEL_HELP)
     chat.add_argument("--priority", type=_priority, default="balanced")
     chat.add_argument("--max-tokens", type=_positive("max-tokens"), default=128)
     chat.add_argument("--temperature", type=float, default=None)
@@ -315,14 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     from langchain_adaptquant.pipelines.simplify_cli import add_simplify_command
+    from langchain_adaptquant.pretrained.cli import add_models_command
 
     add_simplify_command(sub)
+    add_models_command(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("langchain_adaptquant").setLevel(logging.DEBUG)
     try:
         return int(args.func(args))
     except (AdaptQuantError, ValueError) as error:

@@ -18,12 +18,12 @@ from typing import Any, Callable, Optional, Sequence
 
 from langchain_adaptquant.callbacks import QuantizationTelemetryHandler
 from langchain_adaptquant.chat_model import ChatAdaptQuant
-from langchain_adaptquant.errors import ModelNotFoundError
 from langchain_adaptquant.levels import TaskPriority
 from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, process_memory
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.replay import SEED_TIMELINE
 from langchain_adaptquant.resources import ScriptedProbe
+from langchain_adaptquant.weights import resolve_model_folder
 
 #: Questions the reference model was trained around (the standard library's documentation).
 PROMPTS = (
@@ -33,6 +33,21 @@ PROMPTS = (
     "How do I read a file line by line?",
     "What does str.split return?",
 )
+#: Questions for a real instruction-tuned model: short, with answers anyone can check.
+CHAT_PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Name the three primary colors.",
+    "What does a CPU do? Answer in one sentence.",
+    "Give one synonym for the word happy.",
+    "How many days are in a week?",
+)
+
+
+def prompts_for(folder: Path) -> tuple[str, ...]:
+    """Docstring questions for the embedded reference model, everyday questions for any other model."""
+    from langchain_adaptquant.assets import reference_model_path
+
+    return PROMPTS if folder.resolve() == reference_model_path().resolve() else CHAT_PROMPTS
 
 MB = 2**20
 
@@ -79,6 +94,8 @@ class DemoRow:
     tokens: int
     seconds: float
     sample: str
+    question: str = ""
+    answer: str = ""
 
 
 @dataclass
@@ -117,12 +134,8 @@ def run_demo(
     on_row: Optional[Callable[[DemoRow], None]] = None,
 ) -> DemoResult:
     """Play ``timeline`` (clock, memory used %, requests) against ``model``; ``on_row`` sees each step as it ends."""
-    folder = Path(model)
-    if not folder.is_dir():
-        raise ModelNotFoundError(
-            f"model folder {str(folder)!r} does not exist; pass --model PATH (the embedded reference model is "
-            "built by scripts/train_reference_model.py)"
-        )
+    folder = resolve_model_folder(model)  # a folder or a pulled catalog name; a clear error otherwise
+    prompts = prompts_for(folder)
     priority = TaskPriority.parse(task_priority)
     started = time.perf_counter()
     clock = VirtualClock()
@@ -141,7 +154,7 @@ def run_demo(
         answers: list[Any] = []
         in_flight = 0
         if requests > 0:
-            answers, in_flight = _ask_together(llm, loader, handler, requests, step)
+            answers, in_flight = _ask_together(llm, loader, handler, requests, step, prompts)
             loaded = loader.get(folder)
             reason = loaded.last_decision_reason if loaded else ""
         else:
@@ -168,6 +181,8 @@ def run_demo(
             tokens=sum((a.usage_metadata or {}).get("output_tokens", 0) for a in answers),
             seconds=round(time.perf_counter() - step_started, 2),
             sample=_sample(answers[0].content) if answers else "",
+            question=prompts[step % len(prompts)] if answers else "",
+            answer=" ".join(answers[0].content.split()) if answers else "",
         )
         result.rows.append(row)
         result.switches.extend(switched)
@@ -179,7 +194,7 @@ def run_demo(
 
 
 def _ask_together(llm: ChatAdaptQuant, loader: _ArrivalGate, handler: QuantizationTelemetryHandler,
-                  requests: int, step: int) -> tuple[list[Any], int]:
+                  requests: int, step: int, prompts: Sequence[str]) -> tuple[list[Any], int]:
     """Send ``requests`` chats at once from threads; the answers in order, and how many were in flight."""
     answers: list[Any] = [None] * requests
     errors: list[BaseException] = []
@@ -188,7 +203,7 @@ def _ask_together(llm: ChatAdaptQuant, loader: _ArrivalGate, handler: Quantizati
     loader.gate = threading.Barrier(requests, action=lambda: seen.append(tracker.active))
 
     def ask(index: int) -> None:
-        prompt = PROMPTS[(step + index) % len(PROMPTS)]
+        prompt = prompts[(step + index) % len(prompts)]
         try:
             answers[index] = llm.invoke(prompt, config={"callbacks": [handler]})
         except BaseException as error:  # noqa: BLE001 - reported once all threads are done
@@ -237,6 +252,11 @@ def progress_line(row: DemoRow) -> str:
     switch = f", switch {row.switch_seconds:.2f}s" if row.switch_seconds is not None else ""
     return (f"{row.clock}  memory {row.used_percent:.0f}%  {row.requests} request(s), {row.in_flight} in flight  "
             f"-> {row.level.upper()} ({row.action}{switch})  {row.tokens} tokens in {row.seconds:.2f}s")
+
+
+def transcript_lines(rows: Sequence[DemoRow]) -> list[str]:
+    """Each step's first question and its whole answer, with the level it was produced at."""
+    return [f"{row.clock} [{row.level}] Q: {row.question}\n      A: {row.answer}" for row in rows if row.question]
 
 
 def switch_lines(switches: Sequence[SwitchRecord]) -> list[str]:

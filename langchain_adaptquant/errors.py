@@ -59,3 +59,17 @@ class SwitchError(AdaptQuantError):
     def __init__(self, message: str, level: str) -> None:
         self.level = level
         super().__init__(message)
+
+
+class PullError(AdaptQuantError):
+    """A pretrained model could not be fetched, checked or converted; nothing was installed."""
+
+
+class ChecksumError(PullError):
+    """A downloaded or given file is not the one the catalog pins (corrupt, truncated or replaced)."""
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{what} has sha256 {actual}, expected {expected}: refusing it (corrupt, truncated or not the pinned file)")

@@ -161,6 +161,7 @@ def generate(
         "do_sample": sample,
         "stopping_criteria": StoppingCriteriaList([criteria]),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0),
+        "stop_strings": None,  # a generation config's own are matched by TextWatch (the caller passes them in)
     }
     if sample:
         kwargs["temperature"] = settings.temperature

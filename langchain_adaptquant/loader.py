@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from langchain_adaptquant.accounting import stored_bytes
 from langchain_adaptquant.backends.base import UnsupportedLevelError, compute_dtype
-from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback
+from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback, recipe
 from langchain_adaptquant.errors import (
     AdaptQuantError,
     InsufficientMemoryError,
@@ -44,8 +44,10 @@ from langchain_adaptquant.errors import (
     WeightsError,
 )
 from langchain_adaptquant.layer_cache import LayerCache
+from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision, plan_levels
 from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.quality import PROFILE_TOKENS, QualityProfile, heldout_text, text_ids, weights_fingerprint
 from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
 from langchain_adaptquant.runtime.gate import StepGate
 from langchain_adaptquant.sizing import ModelSize, size_from_model, size_of
@@ -229,10 +231,19 @@ class LoadedModel:
     active_requests: int = 0
     last_error: Optional[str] = None
     last_decision_reason: str = ""
+    #: What the weights on disk came from, e.g. "GGUF Q4_1 (Q8_0 embeddings), dequantized to bf16" for a
+    #: pulled model: its 16-bit level is that file made dense, not the upstream 16-bit checkpoint.
+    source_format: str = "safetensors"
     #: Even when the weights are stable, odd while a switch swaps layers (a seqlock) — for code that
     #: runs the model outside the engine; the engine itself knows each step's level (``gate``).
     weights_version: int = 0
     switches: list[SwitchRecord] = field(default_factory=list)
+    #: The level each quantizable Linear is stored at (mixed precision keeps some one level up).
+    layer_levels: dict[str, QuantizationLevel] = field(default_factory=dict)
+    #: Measured agreement with 16-bit per level (None: no tokenizer, or measuring is off).
+    quality: Optional[QualityProfile] = None
+    #: Token ids the quality profile scores (the held-out text's start, in this model's tokens).
+    quality_ids: Optional[list[int]] = field(default=None, repr=False)
     switch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: Decode steps run inside ``gate.step()``, switches inside ``gate.exclusive()``: never both.
     gate: StepGate = field(default_factory=StepGate, repr=False)
@@ -246,6 +257,13 @@ class LoadedModel:
     @property
     def precision(self) -> str:
         return self.level.precision(self.device)
+
+    def level_summary(self) -> dict[str, int]:
+        """How many Linear layers are stored at each level (differs from ``level`` under mixed precision)."""
+        counts: dict[str, int] = {}
+        for level in self.layer_levels.values():
+            counts[level.value] = counts.get(level.value, 0) + 1
+        return counts
 
     def backend_summary(self) -> dict[str, int]:
         """Which backend holds how many Linear layers (a layer a backend rejects falls to the next)."""
@@ -279,12 +297,15 @@ class LoadedModel:
             "path": str(self.folder),
             "level": self.level.value,
             "precision": self.precision,
+            "source_format": self.source_format,
             "device": self.device,
             "size_mb": round(self.stored_bytes / 2**20, 2),
             "estimated_mb": round(self.size.estimated_bytes(self.level) / 2**20, 2),
             "file_backed_mb": round(file_backed_bytes(self.model, self.folder) / 2**20, 2),
             "parameters": self.size.total_params,
             "backends": self.backend_summary(),
+            "layer_levels": self.level_summary(),
+            "quality": self.quality.to_dict() if self.quality is not None else None,
             "load_seconds": round(self.load_seconds, 3),
             "access_count": self.access_count,
             "last_access": self.last_access,
@@ -313,6 +334,27 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _read_generation_config(model: nn.Module, folder: Path) -> None:
+    """Use the folder's generation_config.json (end-of-turn ids, a base model's stop strings), as
+    ``from_pretrained`` does; a skeleton built from the config alone only knows the config's eos id."""
+    if not (folder / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring %s/generation_config.json: %s", folder, error)
+
+
+def _source_format(folder: Path) -> str:
+    """"safetensors" for a plain folder; a pulled model's record says which GGUF it was converted from."""
+    from langchain_adaptquant.pretrained.store import read_source
+
+    source = read_source(folder)
+    return source.format if source is not None else "safetensors"
+
+
 def _object_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
@@ -338,10 +380,23 @@ class AdaptiveModelLoader:
         show_progress: bool = True,
         layer_cache_gb: Optional[float] = None,
         engine_config: Optional["EngineConfig"] = None,
+        mixed_precision: MixedPrecision = DEFAULT_MIXED_PRECISION,
+        measure_quality: bool = True,
+        quality_dir: Optional[str | Path] = None,
     ) -> None:
         """``layer_cache_gb`` bounds the disk used to keep quantized layers for switching back to a
         level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`.
-        ``engine_config`` sizes each model's generation engine (batch, queue, threads)."""
+        ``engine_config`` sizes each model's generation engine (batch, queue, threads).
+        ``mixed_precision`` names the layers kept one level up (see :mod:`langchain_adaptquant.layer_plan`).
+        ``measure_quality``: score each level once per model against 16-bit (one forward pass of
+        the quality probe on first visit; see :mod:`langchain_adaptquant.quality`). The profile
+        lives with the cached model; with ``quality_dir`` it is also kept there as
+        ``<weights fingerprint>.json`` and read back by later loads of the same weights."""
+        if not isinstance(mixed_precision, MixedPrecision):
+            raise TypeError(f"mixed_precision must be a MixedPrecision, got {type(mixed_precision).__name__}")
+        self.mixed_precision = mixed_precision
+        self.measure_quality_enabled = bool(measure_quality)
+        self.quality_dir = Path(quality_dir) if quality_dir is not None else None
         self.manager = manager or DynamicQuantizationManager(device=device)
         self.device = device or self.manager.device
         self.cache_budget_gb = validate_budget_gb(cache_budget_gb, name="cache_budget_gb")
@@ -429,9 +484,11 @@ class AdaptiveModelLoader:
     ) -> tuple[Optional[SwitchRecord], str]:
         size = size_of(model_size_params) if model_size_params is not None else loaded.size
         kv = loaded.engine.kv_usage() if loaded.engine is not None else None
+        quality = loaded.quality.agreement_map() if loaded.quality is not None else None
         verdict = self.manager.should_reoptimize(
             loaded.level, size, task_priority, model_key=loaded.key, current_bytes=loaded.stored_bytes,
             kv_resident_bytes=kv.resident_bytes if kv else 0, kv_reserved_bytes=kv.reserved_bytes if kv else 0,
+            quality=quality,
         )
         loaded.last_decision_reason = verdict.reason
         if not verdict:
@@ -460,9 +517,12 @@ class AdaptiveModelLoader:
                 loaded.weights_version += 1  # odd while layers are being swapped
                 try:
                     with self.layer_cache.writes_held():  # cache writes wait: they would slow the switch
-                        return self._switch(loaded, level, reason)
+                        record = self._switch(loaded, level, reason)
                 finally:
                     loaded.weights_version += 1
+            # still under the switch lock (no other switch interleaves); decode steps run meanwhile
+            self._profile_level(loaded)
+            return record
 
     def engine(self, loaded: LoadedModel) -> "GenerationEngine":
         """The model's generation engine (one worker thread), started on first use.
@@ -486,6 +546,59 @@ class AdaptiveModelLoader:
         if loaded.last_forced is not None or self.get(loaded.key) is not loaded:
             return
         self._reoptimize(loaded, loaded.last_priority, None)
+
+    # -- quality profile ----------------------------------------------------------------------
+    def _attach_quality(self, loaded: LoadedModel) -> None:
+        """Give a fresh model its profile (read from disk when this weights+recipe was measured before)."""
+        if not self.measure_quality_enabled or loaded.tokenizer is None:
+            return
+        try:
+            key = weights_fingerprint(loaded.folder) if self.quality_dir is not None else loaded.key
+            path = self.quality_dir / f"{key}.json" if self.quality_dir is not None else None
+            loaded.quality = QualityProfile(key, f"{recipe(self.device)}|{self.mixed_precision.describe()}", path)
+            loaded.quality_ids = text_ids(loaded.tokenizer, heldout_text(), PROFILE_TOKENS)
+        except Exception as error:  # noqa: BLE001 - quality is advisory: never fail a load for it
+            logger.warning("no quality profile for %s: %s", loaded.name, error)
+            loaded.quality = None
+            return
+        self._profile_level(loaded)
+
+    def _profile_level(self, loaded: LoadedModel) -> None:
+        """Measure the model's current level if the profile lacks it (one forward pass)."""
+        profile, ids = loaded.quality, loaded.quality_ids
+        if profile is None or not ids or not profile.needs(loaded.level):
+            return
+        try:
+            result = profile.measure(loaded.model, ids, loaded.level)
+        except Exception as error:  # noqa: BLE001 - as above
+            logger.warning("measuring quality of %s at %s failed: %s", loaded.name, loaded.level.value, error)
+            return
+        if result is not None:
+            logger.info("quality of %s at %s: top-1 agreement %.3f with 16-bit (%d tokens, %.2fs)",
+                        loaded.name, loaded.level.value, result.agreement, result.tokens, result.seconds)
+
+    def measure_quality(self, loaded: LoadedModel, levels: Iterable[QuantizationLevel | str]) -> dict[str, Any]:
+        """Measure ``levels`` now (16-bit first, as the reference), then return to the model's level.
+
+        This switches the serving model through those levels (requests keep running, at whatever
+        level each layer has): call it at deployment or while idle. Levels already in the profile,
+        here or from an earlier run on the same weights, are not visited again.
+        """
+        wanted = [QuantizationLevel.parse(level) for level in levels]
+        for level in wanted:
+            self.check_level_available(level)
+        if loaded.quality is None:
+            raise AdaptQuantError(f"model {loaded.name!r} has no quality profile (no tokenizer, or measure_quality=False)")
+        start = loaded.level
+        for level in [QuantizationLevel.FP16, *wanted]:
+            if loaded.quality.needs(level):
+                if loaded.level is level:
+                    self._profile_level(loaded)
+                else:
+                    self.requantize(loaded, level, reason=f"measuring quality at {level.value}")
+        if loaded.level is not start:
+            self.requantize(loaded, start, reason="back after measuring quality")
+        return loaded.quality.to_dict()
 
     def get(self, key_or_path: str | Path) -> Optional[LoadedModel]:
         with self._lock:
@@ -557,16 +670,17 @@ class AdaptiveModelLoader:
         for level in wanted:
             started, written, present = time.perf_counter(), 0, 0
             if level is not QuantizationLevel.FP16:  # 16-bit is the source itself: nothing to prepare
-                layers = list(loaded.layer_backends)
+                plan = plan_levels(loaded.layer_backends, level, self.mixed_precision)
+                layers = [layer for layer in plan if plan[layer] is not QuantizationLevel.FP16]
                 show = self.show_progress if progress is None else progress
                 for layer in tqdm(layers, desc=f"prepare {loaded.name} at {level.value}", unit="layer", disable=not show):
                     if self.get(loaded.key) is not loaded:
                         break  # evicted meanwhile: its cached layers were just forgotten
-                    if self.layer_cache.has(loaded.key, level, layer):
+                    if self.layer_cache.has(loaded.key, plan[layer], layer):
                         present += 1
                         continue
-                    module, backend, _ = self._quantize_layer(loaded.source, layer, level)
-                    written += self.layer_cache.store(loaded.key, level, layer, backend, module)
+                    module, backend, _ = self._quantize_layer(loaded.source, layer, plan[layer])
+                    written += self.layer_cache.store(loaded.key, plan[layer], layer, backend, module)
                     del module
                 trim_heap()
             summary[level.value] = {
@@ -668,7 +782,9 @@ class AdaptiveModelLoader:
         source = WeightSource(folder)
         config = source.config()
         skeleton = self._skeleton(config)
-        size = size_from_model(skeleton, source=f"{getattr(config, 'model_type', 'model')} config")
+        size = size_from_model(skeleton, source=f"{getattr(config, 'model_type', 'model')} config").with_mixed(
+            self.mixed_precision
+        )
         policy_size = size_of(model_size_params) if model_size_params is not None else size
         if forced is not None:
             level, reason = forced, f"forced to {forced.value}"
@@ -678,8 +794,9 @@ class AdaptiveModelLoader:
         self._make_room(size.estimated_bytes(level), name)
         source.verify()  # opens (maps) every file once; the model keeps this mapping for its lifetime
         with self.layer_cache.writes_held():
-            model, backends = self._materialize(skeleton, source, level, name, key)
+            model, backends, layer_levels = self._materialize(skeleton, source, level, name, key)
         tokenizer = self._tokenizer(folder)
+        _read_generation_config(model, folder)
         loaded = LoadedModel(
             key=key,
             name=name,
@@ -691,11 +808,14 @@ class AdaptiveModelLoader:
             device=self.device,
             size=size,
             layer_backends=backends,
+            layer_levels=layer_levels,
             stored_bytes=stored_bytes(model),
             load_seconds=time.perf_counter() - started,
             last_decision_reason=reason,
+            source_format=_source_format(folder),
         )
         loaded.access_count = 1
+        self._attach_quality(loaded)
         with self._lock:
             self._cache[key] = loaded
         self.manager.record_switch(key, level)
@@ -719,9 +839,10 @@ class AdaptiveModelLoader:
 
     def _materialize(
         self, model: nn.Module, source: WeightSource, level: QuantizationLevel, name: str, key: str
-    ) -> tuple[nn.Module, dict[str, str]]:
+    ) -> tuple[nn.Module, dict[str, str], dict[str, QuantizationLevel]]:
         dtype = compute_dtype(self.device)
         targets = quantizable_linears(model)
+        plan = plan_levels((layer for layer, _ in targets), level, self.mixed_precision)
         target_names = {layer for layer, _ in targets}
         for module_name, module in model.named_modules():
             if module_name in target_names:
@@ -741,13 +862,13 @@ class AdaptiveModelLoader:
         backends: dict[str, str] = {}
         ranges = mapped_ranges(source.folder)
         for layer, _ in tqdm(targets, desc=f"load {name} at {level.value}", unit="layer", disable=not self.show_progress):
-            module, backend, _ = self._quantize_layer(source, layer, level, ranges=ranges, model_key=key)
+            module, backend, _ = self._quantize_layer(source, layer, plan[layer], ranges=ranges, model_key=key)
             _swap(model, layer, module)
             backends[layer] = backend
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise WeightsError(f"weights in {str(source.folder)!r} lack {len(missing)} tensor(s), e.g. {missing[:3]}")
-        return model, backends
+        return model, backends, plan
 
     def _quantize_layer(
         self, source: WeightSource, layer: str, level: QuantizationLevel, backend_name: Optional[str] = None,
@@ -785,6 +906,9 @@ class AdaptiveModelLoader:
         rss_before, anon_before = process_memory()
         bytes_before = loaded.stored_bytes
         layers = list(loaded.layer_backends)
+        plan = plan_levels(layers, level, self.mixed_precision)
+        # a layer already stored at its planned level (mixed precision) keeps its module
+        layers = [layer for layer in layers if loaded.layer_levels.get(layer, previous) is not plan[layer]]
         swapped: list[str] = []
         new_backends = dict(loaded.layer_backends)
         source = loaded.source
@@ -796,7 +920,7 @@ class AdaptiveModelLoader:
             since_trim = 0
             try:
                 for layer in progress:
-                    module, backend, cached = self._quantize_layer(source, layer, level, ranges=ranges, model_key=loaded.key)
+                    module, backend, cached = self._quantize_layer(source, layer, plan[layer], ranges=ranges, model_key=loaded.key)
                     _swap(loaded.model, layer, module)
                     swapped.append(layer)
                     new_backends[layer] = backend
@@ -822,6 +946,7 @@ class AdaptiveModelLoader:
             raise SwitchError(message, previous.value) from error
         loaded.level = level
         loaded.layer_backends = new_backends
+        loaded.layer_levels = {layer: plan[layer] for layer in new_backends}
         release_memory()
         loaded.stored_bytes = stored_bytes(loaded.model)
         rss_after, anon_after = process_memory()
@@ -838,7 +963,8 @@ class AdaptiveModelLoader:
     def _roll_back(self, loaded: LoadedModel, source: WeightSource, swapped: list[str]) -> None:
         for layer in swapped:
             module, _, _ = self._quantize_layer(
-                source, layer, loaded.level, loaded.layer_backends[layer], model_key=loaded.key
+                source, layer, loaded.layer_levels.get(layer, loaded.level), loaded.layer_backends[layer],
+                model_key=loaded.key,
             )
             _swap(loaded.model, layer, module)
 

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -159,6 +159,7 @@ class DynamicQuantizationManager:
         active_requests: Optional[int],
         kv_resident_bytes: int = 0,
         kv_reserved_bytes: int = 0,
+        quality: Optional[Mapping[QuantizationLevel, float]] = None,
     ) -> PolicyInputs:
         snap = self.snapshot()
         level_bytes = _level_bytes(size)
@@ -176,6 +177,7 @@ class DynamicQuantizationManager:
             available_levels=self.available_levels,
             kv_resident_bytes=kv_resident_bytes,
             kv_reserved_bytes=kv_reserved_bytes,
+            quality=dict(quality or {}),
         )
 
     # -- questions ------------------------------------------------------------------------------
@@ -188,16 +190,19 @@ class DynamicQuantizationManager:
         active_requests: Optional[int] = None,
         kv_resident_bytes: int = 0,
         kv_reserved_bytes: int = 0,
+        quality: Optional[Mapping[QuantizationLevel, float]] = None,
     ) -> Decision:
         """The policy's decision with the live snapshot and load; no hysteresis.
 
         ``kv_*_bytes``: the model's KV cache now (inside the measured memory) and at its longest
         for the requests in flight and queued; the runtime passes them as plain numbers.
+        ``quality`` is the model's measured agreement per level (its quality profile), for the
+        priority's quality floor.
         """
         priority = TaskPriority.parse(task_priority)
         level = QuantizationLevel.parse(current_level) if current_level is not None else None
         inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests,
-                              kv_resident_bytes, kv_reserved_bytes)
+                              kv_resident_bytes, kv_reserved_bytes, quality)
         return decide(inputs, self.policy)
 
     def calculate_optimal_quantization(
@@ -229,13 +234,15 @@ class DynamicQuantizationManager:
         now: Optional[float] = None,
         kv_resident_bytes: int = 0,
         kv_reserved_bytes: int = 0,
+        quality: Optional[Mapping[QuantizationLevel, float]] = None,
     ) -> ReoptimizeDecision:
         """Should the model at ``current_level`` switch now? Call :meth:`record_switch` once it did."""
         level = QuantizationLevel.parse(current_level)
         now = self._clock() if now is None else now
         try:
             decision = self.decide(model_size_params, task_priority, level, current_bytes,
-                                   kv_resident_bytes=kv_resident_bytes, kv_reserved_bytes=kv_reserved_bytes)
+                                   kv_resident_bytes=kv_resident_bytes, kv_reserved_bytes=kv_reserved_bytes,
+                                   quality=quality)
         except InsufficientMemoryError as error:
             # The model is already resident: failing its requests would not free anything. Shrink it
             # to the smallest level at once and keep serving.

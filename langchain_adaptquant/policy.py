@@ -11,6 +11,14 @@ Two steps, both free of clocks and I/O so they can be tested as tables:
 2. :func:`apply_hysteresis` decides whether to act on that level now, given when the model last
    switched: downgrades forced by memory happen at once, downgrades asked for only by load or
    priority wait until the load has persisted, and upgrades wait for a cooldown and need a margin.
+
+Quality floors: each priority has a minimum top-1 agreement with 16-bit
+(:attr:`PolicyConfig.quality_floors`). A level whose *measured* agreement
+(``PolicyInputs.quality``, from the model's quality profile) is below the floor is taken only when
+memory forces it, i.e. when no more precise level that meets the floor fits and is allowed by the
+memory band alone (the matrix cell at that memory with no load). Otherwise the least precise such
+level is taken instead, and the reason names the measured figure either way. Levels not measured
+are not judged.
 """
 
 from __future__ import annotations
@@ -86,6 +94,24 @@ class PolicyConfig(BaseModel):
     load_downgrade_delay_s: float = Field(
         10.0, ge=0, description="How long a downgrade asked for only by load/priority must persist."
     )
+    quality_floors: tuple[float, float, float] = Field(
+        (0.97, 0.93, 0.85),
+        description="Minimum measured top-1 agreement with 16-bit for quality, balanced and speed priority; "
+        "a level below it is used only when memory forces it.",
+    )
+
+    @field_validator("quality_floors")
+    @classmethod
+    def _floors_in_order(cls, floors: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not math.isfinite(f) or not 0.0 <= f <= 1.0 for f in floors) or not floors[0] >= floors[1] >= floors[2]:
+            raise ValueError(
+                f"quality_floors {floors!r} must be three agreements in [0, 1] for quality >= balanced >= speed"
+            )
+        return floors
+
+    def quality_floor(self, priority: TaskPriority) -> float:
+        """The minimum measured agreement a level needs at ``priority`` unless memory forces it."""
+        return self.quality_floors[PRIORITIES.index(priority)]
 
     @field_validator("memory_bands")
     @classmethod
@@ -142,6 +168,8 @@ class PolicyInputs:
     kv_resident_bytes: int = 0
     #: ... and what the requests in flight and queued will hold at their longest (prompt + max tokens).
     kv_reserved_bytes: int = 0
+    #: Measured top-1 agreement with 16-bit per level (the model's quality profile); absent = not measured.
+    quality: Mapping[QuantizationLevel, float] = field(default_factory=dict)
 
     def projected_used_bytes(self, level: QuantizationLevel) -> int:
         kv = self.kv_reserved_bytes - self.kv_resident_bytes
@@ -206,7 +234,7 @@ def decide(inputs: PolicyInputs, config: PolicyConfig = PolicyConfig()) -> Decis
         cell = matrix_level(judged, inputs.active_requests, inputs.priority, config)
         if cell.rank >= level.rank and inputs.fits(level, config):
             reason = f"{_describe(inputs, percent, config)} -> {level.value}"
-            return Decision(level, reason, inputs, percent, inputs.level_bytes[level])
+            return _apply_quality_floor(Decision(level, reason, inputs, percent, inputs.level_bytes[level]), candidates, config)
     smallest = candidates[-1]
     percent = inputs.projected_percent(smallest)
     if inputs.fits(smallest, config):
@@ -223,6 +251,38 @@ def decide(inputs: PolicyInputs, config: PolicyConfig = PolicyConfig()) -> Decis
         headroom_gb=headroom / GIB,
         level=smallest.value,
     )
+
+
+def _memory_allows(inputs: PolicyInputs, level: QuantizationLevel, config: PolicyConfig) -> bool:
+    """Whether memory alone (the matrix cell with no load, and the headroom) allows ``level``."""
+    judged = inputs.projected_percent(level)
+    if inputs.current_level is not None and level.rank > inputs.current_level.rank:
+        judged += config.upgrade_margin_percent
+    cell = matrix_level(judged, 0, inputs.priority, config)
+    return cell.rank >= level.rank and inputs.fits(level, config)
+
+
+def _apply_quality_floor(decision: Decision, candidates: Sequence[QuantizationLevel], config: PolicyConfig) -> Decision:
+    """Refuse a level measured below the priority's floor unless memory forces it (see the module docstring)."""
+    inputs, level = decision.inputs, decision.level
+    measured = inputs.quality.get(level)
+    floor = config.quality_floor(inputs.priority)
+    if measured is None or measured >= floor:
+        return decision
+    below = (f"{level.value} is below the {inputs.priority.value} quality floor {floor:g} "
+             f"(measured top-1 agreement {measured:.3f})")
+    better = [c for c in reversed(candidates) if c.rank > level.rank]  # least precise first
+    for alternative in better:
+        known = inputs.quality.get(alternative)
+        if known is not None and known < floor:
+            continue
+        if _memory_allows(inputs, alternative, config):
+            percent = inputs.projected_percent(alternative)
+            quality = f"measured {known:.3f}" if known is not None else "not measured"
+            reason = (f"{_describe(inputs, percent, config)} -> {alternative.value}: {below} and memory does not "
+                      f"force it, so {alternative.value} ({quality})")
+            return Decision(alternative, reason, inputs, percent, inputs.level_bytes[alternative])
+    return replace(decision, reason=f"{decision.reason}: {below}, used because memory forces it")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ where ``Q`` is the number of weights in quantizable Linear layers (every Linear 
 head), ``rows`` their summed ``out_features`` and ``U`` all other parameters, each counted once
 (tied embeddings are one tensor). The per-level layout constants below are the defaults of the
 backends we prefer on CPU and CUDA; a backend can pass its own :class:`LevelLayout`.
+
+With mixed precision (:mod:`langchain_adaptquant.layer_plan`) some layers are stored one level up;
+a size that knows its Linear shapes (from a model or config) sums them layer by layer at their
+planned levels. A bare parameter count has no layer names, so there the rule's share of weights
+is taken from Llama-2-7B's layout (32 blocks of 4096x4096 attention and 4096x11008 MLP).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from langchain_adaptquant.errors import InvalidValueError
+from langchain_adaptquant.layer_plan import UNIFORM, MixedPrecision, count_blocks, one_level_up
 from langchain_adaptquant.levels import QuantizationLevel
 
 GIB = 1024**3
@@ -51,11 +57,28 @@ DEFAULT_LAYOUTS: dict[QuantizationLevel, LevelLayout] = {
     QuantizationLevel.FP16: LevelLayout(bits=16),
     # LLM.int8 / int8 weight-only: one fp32 scale per output row.
     QuantizationLevel.INT8: LevelLayout(bits=8, row_bytes=4.0),
-    # nf4 with block 64 and an fp32 absmax per block; quanto int4 uses group 128 with bf16 scale+shift (same 4 B).
-    QuantizationLevel.INT4: LevelLayout(bits=4, group_size=64, group_bytes=4.0),
-    # quanto int2: group 64 with a bf16 scale and a bf16 shift.
-    QuantizationLevel.INT2: LevelLayout(bits=2, group_size=64, group_bytes=4.0),
+    # torchao int4 (CPU tinygemm) with group 32 and a bf16 scale + zero per group; bitsandbytes
+    # nf4 (CUDA) uses block 64 with an fp32 absmax (4 B per 64): a few % smaller.
+    QuantizationLevel.INT4: LevelLayout(bits=4, group_size=32, group_bytes=4.0),
+    # int2pack (CPU): group 32 with a bf16 scale + zero; quanto int2 (fallback, CUDA/MPS): group 64, same 4 B.
+    QuantizationLevel.INT2: LevelLayout(bits=2, group_size=32, group_bytes=4.0),
 }
+
+
+def _linear_bytes(params: int, rows: int, layout: LevelLayout) -> float:
+    total = params * layout.bits / 8 + rows * layout.row_bytes
+    if layout.group_size:
+        total += math.ceil(params / layout.group_size) * layout.group_bytes
+    return total
+
+
+def _llama_7b_linears() -> tuple[tuple[str, int, int], ...]:
+    """(name, in, out) of Llama-2-7B's quantizable Linears: the layout bare parameter counts assume."""
+    hidden, mlp = 4096, 11008
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (hidden, mlp), "mlp.up_proj": (hidden, mlp), "mlp.down_proj": (mlp, hidden)}
+    return tuple((f"model.layers.{b}.{k}", i, o) for b in range(32) for k, (i, o) in shapes.items())
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,10 @@ class ModelSize:
     quantizable_rows: int
     unquantized_params: int
     source: str
+    #: (name, in_features, out_features) of every quantizable Linear, when known.
+    linears: tuple[tuple[str, int, int], ...] = ()
+    #: Which layers are stored one level up (see layer_plan); uniform by default.
+    mixed: MixedPrecision = UNIFORM
 
     @property
     def total_params(self) -> int:
@@ -78,14 +105,28 @@ class ModelSize:
     def estimated_bytes(self, level: QuantizationLevel | str, layout: Optional[LevelLayout] = None) -> int:
         """Bytes the model occupies at ``level``; see the module docstring for the formula."""
         level = QuantizationLevel.parse(level)
-        layout = layout or DEFAULT_LAYOUTS[level]
-        q = self.quantizable_params
-        total = q * layout.bits / 8
-        total += self.quantizable_rows * layout.row_bytes
-        if layout.group_size:
-            total += math.ceil(q / layout.group_size) * layout.group_bytes
-        total += self.unquantized_params * 2
+        total = self.unquantized_params * 2
+        if layout is not None or not self.mixed.active or level not in self.mixed.at_levels:
+            layout = layout or DEFAULT_LAYOUTS[level]
+            return int(math.ceil(total + _linear_bytes(self.quantizable_params, self.quantizable_rows, layout)))
+        if self.linears:
+            blocks = count_blocks(name for name, _, _ in self.linears)
+            for name, in_features, out_features in self.linears:
+                at = DEFAULT_LAYOUTS[self.mixed.level_for(name, level, blocks)]
+                total += _linear_bytes(in_features * out_features, out_features, at)
+            return int(math.ceil(total))
+        share = _kept_share(self.mixed)
+        q, rows = self.quantizable_params, self.quantizable_rows
+        up = DEFAULT_LAYOUTS[one_level_up(level)]
+        total += _linear_bytes(int(q * share), int(rows * share), up)
+        total += _linear_bytes(q - int(q * share), rows - int(rows * share), DEFAULT_LAYOUTS[level])
         return int(math.ceil(total))
+
+    def with_mixed(self, mixed: MixedPrecision) -> "ModelSize":
+        """The same model under another mixed-precision rule."""
+        from dataclasses import replace
+
+        return replace(self, mixed=mixed)
 
     def estimated_gb(self, level: QuantizationLevel | str, layout: Optional[LevelLayout] = None) -> float:
         """Estimated size in GiB (2**30 bytes), the unit every memory figure of this package uses."""
@@ -93,6 +134,14 @@ class ModelSize:
 
     def bytes_per_level(self) -> dict[QuantizationLevel, int]:
         return {level: self.estimated_bytes(level) for level in QuantizationLevel}
+
+
+def _kept_share(mixed: MixedPrecision) -> float:
+    """Share of quantizable weights ``mixed`` keeps one level up, on Llama-2-7B's layout."""
+    linears = _llama_7b_linears()
+    blocks = count_blocks(name for name, _, _ in linears)
+    kept = sum(i * o for name, i, o in linears if mixed.keeps(name, blocks))
+    return kept / sum(i * o for _, i, o in linears)
 
 
 def validate_params_billions(value: Any) -> float:
@@ -134,7 +183,8 @@ def size_from_model(model: Any, source: str = "model") -> ModelSize:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     quantizable_ids: set[int] = set()
     quantizable = rows = 0
-    for module in model.modules():
+    linears = []
+    for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not head:
             weight = module.weight
             if id(weight) in quantizable_ids:
@@ -142,6 +192,7 @@ def size_from_model(model: Any, source: str = "model") -> ModelSize:
             quantizable_ids.add(id(weight))
             quantizable += weight.numel()
             rows += module.out_features
+            linears.append((name, module.in_features, module.out_features))
     # parameters() yields a tied tensor once; buffers (rotary tables) are recomputed, not stored weights
     total = sum(parameter.numel() for parameter in model.parameters())
     return ModelSize(
@@ -149,6 +200,7 @@ def size_from_model(model: Any, source: str = "model") -> ModelSize:
         quantizable_rows=rows,
         unquantized_params=total - quantizable,
         source=source,
+        linears=tuple(linears),
     )
 
 

@@ -21,13 +21,20 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 
 def resolve_model_folder(model_id_or_path: str | Path) -> Path:
-    """A local folder as given, else the snapshot folder of a hub id in the local cache."""
+    """A local folder as given, else a pulled catalog model by name (``smollm2-135m``), else the
+    snapshot folder of a hub id in the local cache."""
     path = Path(model_id_or_path).expanduser()
     if path.is_dir():
         return path.resolve()
     if path.exists():
         raise ModelNotFoundError(f"model path {str(model_id_or_path)!r} is a file; expected a model folder")
     text = str(model_id_or_path)
+    from langchain_adaptquant.pretrained.catalog import CATALOG
+
+    if text in CATALOG:
+        from langchain_adaptquant.pretrained.store import model_path
+
+        return model_path(text).resolve()  # a clear error says how to pull it
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         try:
             from huggingface_hub import snapshot_download

@@ -1,7 +1,8 @@
 """Quantization backends: one small interface, one module per library, a measured preference order.
 
 Import cost is small: the optional libraries (bitsandbytes, torchao, optimum-quanto) are imported
-only when a backend is asked whether it is available or to quantize something.
+only when a backend is asked whether it is available or to quantize something. Their known
+start-up notices are filtered by the package's ``__init__`` (see :mod:`langchain_adaptquant.quiet_start`).
 """
 
 from langchain_adaptquant.backends.base import (

@@ -10,7 +10,8 @@ before trusting the order there. The CUDA order was measured on an H100 with
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from torch import nn
 
@@ -25,6 +26,7 @@ from langchain_adaptquant.backends.base import (
 )
 from langchain_adaptquant.backends.bitsandbytes import BitsAndBytesBackend
 from langchain_adaptquant.backends.cast import CastBackend
+from langchain_adaptquant.backends.int2pack import Int2PackBackend
 from langchain_adaptquant.backends.quanto import QuantoBackend
 from langchain_adaptquant.backends.torchao import TorchAOBackend
 from langchain_adaptquant.errors import InvalidValueError, choices
@@ -54,7 +56,10 @@ PREFERENCE: dict[str, dict[QuantizationLevel, list[str]]] = {
         # takes it at 1.28 ms decode vs bitsandbytes nf4 1.53 ms. nf4 is slowest here (decode sum
         # 19.8 ms) as this CPU lacks AVX512-BF16; ~0.26-0.27x bf16 bytes for all three.
         _INT4: ["torchao", "quanto", "bitsandbytes"],
-        _INT2: ["quanto"],
+        # int2pack stores 2 bits per weight and runs torch's int4 kernel (decode 0.157 ms on
+        # 1024x2816 vs bf16 0.244 ms, 1 thread); quanto dequantizes every weight per forward
+        # (~5x slower than bf16) and takes the layers int2pack cannot (out_features % 16 != 0).
+        _INT2: ["int2pack", "quanto"],
     },
     # CUDA, measured with benchmarks/cuda_check.py on an H100 (torch 2.11 cu130, fp16 activations;
     # decode-size forward in ms over 1024x1024 / 1024x2816 / 2816x1024 / 1024x1000, max rel. error):
@@ -78,7 +83,7 @@ PREFERENCE: dict[str, dict[QuantizationLevel, list[str]]] = {
 
 _BACKENDS: dict[str, QuantizationBackend] = {
     backend.name: backend
-    for backend in (CastBackend(), BitsAndBytesBackend(), TorchAOBackend(), QuantoBackend())
+    for backend in (CastBackend(), BitsAndBytesBackend(), TorchAOBackend(), QuantoBackend(), Int2PackBackend())
 }
 
 
@@ -121,6 +126,20 @@ def register_backend(backend: QuantizationBackend, *, first: bool = False) -> No
                 order.append(backend.name)
 
 
+@contextmanager
+def replaced_backend(backend: QuantizationBackend) -> Iterator[QuantizationBackend]:
+    """Serve with ``backend`` in place of the registered one of the same name (its position kept),
+    then put the original back. For benchmarks comparing configurations of one library."""
+    if backend.name not in _BACKENDS:
+        raise InvalidValueError("backend", backend.name, choices(_BACKENDS))
+    original = _BACKENDS[backend.name]
+    _BACKENDS[backend.name] = backend
+    try:
+        yield backend
+    finally:
+        _BACKENDS[backend.name] = original
+
+
 def unregister_backend(name: str) -> None:
     """Remove a backend added with :func:`register_backend` (no error if it is not there)."""
     _BACKENDS.pop(name, None)
@@ -144,6 +163,14 @@ def backend_preference(level: LevelLike, device: DeviceLike = "cpu") -> list[Qua
         for backend in (_BACKENDS[n] for n in names)
         if backend.supports(level, kind) and backend.available()
     ]
+
+
+def recipe(device: DeviceLike = "cpu") -> str:
+    """What decides the stored weights on ``device``: each level's backend order and the backends'
+    settings. Measurements made under one recipe (the quality profile) are not reused under another."""
+    kind = device_type(device)
+    parts = [f"{level.value}:" + ",".join(repr(b) for b in backend_preference(level, kind)) for level in LEVELS_BY_PRECISION]
+    return f"{kind}|" + "|".join(parts)
 
 
 def available_levels(device: DeviceLike = "cpu") -> list[QuantizationLevel]:

@@ -21,10 +21,17 @@ from langchain_adaptquant.backends.base import (
     compute_dtype,
     device_type,
 )
+from langchain_adaptquant.errors import InvalidValueError, choices
 from langchain_adaptquant.levels import QuantizationLevel
 
-#: Largest first: fewer scales per weight. torchao accepts 256/128/64/32; 128 is its default.
-INT4_GROUP_SIZES = (128, 64, 32)
+#: Smallest first: more scales per weight (0.125 B/weight at 32) but the error a real model's
+#: answers need (benchmarks/quality.py: on SmolLM2-135M, group 128 lost the probe facts that group
+#: 32 keeps). The tinygemm kernel decodes as fast at 32 as at 128 here (backends_probe.py).
+#: torchao accepts 256/128/64/32; 128 is its default.
+INT4_GROUP_SIZES = (32, 64, 128)
+#: How torchao picks each group's scale and zero: "tinygemm" is the min/max affine grid, "hqq"
+#: its half-quadratic optimizer (10-20x slower to quantize on CPU).
+INT4_ALGORITHMS = ("tinygemm", "hqq")
 #: The int4 packing kernels (CPU ``_convert_weight_to_int4pack_cpu``) tile output rows by 16.
 INT4_OUT_MULTIPLE = 16
 
@@ -38,15 +45,22 @@ def _cpu_int4_config() -> Optional[type]:
     return PrototypeInt4WeightOnlyConfig
 
 
-def int4_group_size(in_features: int) -> Optional[int]:
-    """The largest supported group size dividing ``in_features`` (None: no int4 for this layer)."""
-    return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
+def int4_group_size(in_features: int, sizes: tuple[int, ...] = INT4_GROUP_SIZES) -> Optional[int]:
+    """The first group size of ``sizes`` dividing ``in_features`` (None: no int4 for this layer)."""
+    return next((g for g in sizes if in_features % g == 0), None)
 
 
 class TorchAOBackend(QuantizationBackend):
     """Swaps the Linear's weight for a torchao tensor subclass; the module stays an ``nn.Linear``."""
 
     name = "torchao"
+
+    def __init__(self, int4_group_sizes: tuple[int, ...] = INT4_GROUP_SIZES, int4_algorithm: str = "tinygemm") -> None:
+        if not int4_group_sizes or any(g not in (32, 64, 128, 256) for g in int4_group_sizes):
+            raise InvalidValueError("torchao int4_group_sizes", int4_group_sizes, "a non-empty tuple of 32, 64, 128, 256")
+        if int4_algorithm not in INT4_ALGORITHMS:
+            raise InvalidValueError("torchao int4_algorithm", int4_algorithm, choices(INT4_ALGORITHMS))
+        self.int4_group_sizes, self.int4_algorithm = tuple(int4_group_sizes), int4_algorithm
 
     def _import(self) -> None:
         import torchao.quantization  # noqa: F401
@@ -67,11 +81,14 @@ class TorchAOBackend(QuantizationBackend):
     def shape_problem(self, linear: nn.Linear, level: LevelLike, device: DeviceLike = "cpu") -> Optional[str]:
         if QuantizationLevel.parse(level) is not QuantizationLevel.INT4:
             return None
-        if int4_group_size(linear.in_features) is None:
-            return f"int4 needs in_features divisible by a group size in {INT4_GROUP_SIZES}"
+        if int4_group_size(linear.in_features, self.int4_group_sizes) is None:
+            return f"int4 needs in_features divisible by a group size in {self.int4_group_sizes}"
         if linear.out_features % INT4_OUT_MULTIPLE:
             return f"int4 packing needs out_features % {INT4_OUT_MULTIPLE} == 0"
         return None
+
+    def __repr__(self) -> str:
+        return f"<TorchAOBackend int4_group_sizes={self.int4_group_sizes} int4_algorithm={self.int4_algorithm!r}>"
 
     def _config(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> Any:
         if level is QuantizationLevel.INT8:
@@ -79,9 +96,11 @@ class TorchAOBackend(QuantizationBackend):
 
             # set_inductor_config=False: do not change torch.compile settings for the whole process.
             return Int8WeightOnlyConfig(set_inductor_config=False)
-        group = int4_group_size(linear.in_features)
+        group = int4_group_size(linear.in_features, self.int4_group_sizes)
         if device_type(device) == "cpu":
-            return _cpu_int4_config()(group_size=group, set_inductor_config=False)
+            return _cpu_int4_config()(
+                group_size=group, int4_choose_qparams_algorithm=self.int4_algorithm, set_inductor_config=False
+            )
         from torchao.quantization import Int4WeightOnlyConfig
 
         # tinygemm layout: its kernel ships with torch itself, unlike the default "plain" (fbgemm).

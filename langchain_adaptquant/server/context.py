@@ -129,9 +129,9 @@ def build_context(
         return ServedModel(id=model_id or folder.name, given=str(given), folder=folder, llm=llm)
 
     if model is None:
-        from langchain_adaptquant.assets import reference_model_path
+        from langchain_adaptquant.pretrained import default_chat_model
 
-        model = reference_model_path()
+        model = default_chat_model()
     primary = serve(model, served_model_name)
     served = [primary]
     if isinstance(model_allowlist, Mapping):

@@ -43,6 +43,7 @@ def _served_summary(ctx: ServerContext) -> dict[str, Any]:
         "precision": loaded.precision if loaded else None,
         "backend": loaded.backend if loaded else None,
         "size_mb": round(loaded.stored_bytes / MB, 2) if loaded else None,
+        "quality": loaded.quality.to_dict() if loaded and loaded.quality is not None else None,
     }
 
 

@@ -108,7 +108,8 @@ def test_python_api_bad_input(world, name, call, error, needle):
 def test_forced_level_without_backend_changes_nothing(world, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # no library can store int2 now
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # neither quanto nor int2pack's
+    monkeypatch.setitem(sys.modules, "torchao.quantization.quant_primitives", None)  # quantizer: no int2 now
     before = state(world)
     with pytest.raises(UnsupportedLevelError, match="'int2'.*available there: 'fp16'"):
         world["llm"].invoke("x", force_quantization="int2")

@@ -28,6 +28,10 @@ KNOWS = pytest.mark.xfail(
     strict=False,
 )
 
+# The grammar closes the joke object, so a TypedDict (streamed as partial JSON) parses; a pydantic
+# model or JSON schema parser yields nothing until the whole object validates, and the docstring
+# model's string values run past the 24-token answer budget before the object closes.
+STRUCTURED_SCHEMAS = [pytest.param("pydantic", marks=KNOWS), "typeddict", pytest.param("json_schema", marks=KNOWS)]
 
 @functools.lru_cache(maxsize=1)
 def _loader() -> AdaptiveModelLoader:
@@ -63,42 +67,19 @@ class TestChatAdaptQuantIntegration(ChatModelIntegrationTests):
     def model_override_value(self) -> str:
         return _second_model()
 
-    # -- excused: these need the model to *know* what to put in a tool call or a JSON object -----
-    # The embedded model (~10M parameters, trained on docstrings) emits the <tool_call> format when
-    # asked, but cannot fill `magic_function`'s `input: 3`, a joke's setup and punchline, or an
-    # agent's next step. The same mechanics (tools rendered into the template, calls parsed into
-    # AIMessage.tool_calls, streamed tool-call chunks, tool-message round trips, all three
-    # structured-output methods, tool_choice) are tested with scripted tokens on a real model in
-    # tests/integration/test_chat_tools.py. strict=False: a lucky pass is not a failure.
+    # -- excused: these need the model to *know* what to put in a JSON object or an agent step ----
+    # Grammar-constrained decoding (langchain_adaptquant.constrained) makes forced, required and
+    # no-argument tool calls well-formed even from the embedded ~10M docstring model, so those
+    # standard tests run unexcused. What remains needs knowledge: a joke's setup and punchline
+    # that close within the answer budget, an agent's next step. The same mechanics are tested
+    # with scripted tokens in tests/integration/test_chat_tools.py. strict=False: a lucky pass
+    # is not a failure.
 
-    @KNOWS
-    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
-    def test_tool_calling(self, model: BaseChatModel) -> None:
-        super().test_tool_calling(model)
-
-    @KNOWS
-    async def test_tool_calling_async(self, model: BaseChatModel) -> None:
-        await super().test_tool_calling_async(model)
-
-    @KNOWS
-    def test_bind_runnables_as_tools(self, model: BaseChatModel) -> None:
-        super().test_bind_runnables_as_tools(model)
-
-    @KNOWS
-    def test_tool_choice(self, model: BaseChatModel) -> None:
-        super().test_tool_choice(model)
-
-    @KNOWS
-    def test_tool_calling_with_no_arguments(self, model: BaseChatModel) -> None:
-        super().test_tool_calling_with_no_arguments(model)
-
-    @KNOWS
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    @pytest.mark.parametrize("schema_type", STRUCTURED_SCHEMAS)
     def test_structured_output(self, model: BaseChatModel, schema_type: str) -> None:
         super().test_structured_output(model, schema_type)
 
-    @KNOWS
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    @pytest.mark.parametrize("schema_type", STRUCTURED_SCHEMAS)
     async def test_structured_output_async(self, model: BaseChatModel, schema_type: str) -> None:
         await super().test_structured_output_async(model, schema_type)
 

@@ -9,7 +9,7 @@ structured objects. (What a capable model would choose is LangChain's standard t
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -53,7 +53,8 @@ def magic_function(input: int) -> int:
 def llm(tiny_chat_dir):
     manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=10), snapshot_ttl_s=0)
     loader = AdaptiveModelLoader(manager=manager, show_progress=False)
-    model = ChatAdaptQuant(model=str(tiny_chat_dir), loader=loader, max_tokens=96)
+    # free writing: these tests force the exact text (also broken calls) to prove the parsing side
+    model = ChatAdaptQuant(model=str(tiny_chat_dir), loader=loader, max_tokens=96, constrained_decoding=False)
     model.invoke("warm up")
     return model
 
@@ -164,3 +165,53 @@ def test_multi_token_stop_string(llm):
     assert message.content == "Hello world " and message.response_metadata["finish_reason"] == "stop"
     chunks = list(llm.stream("say it", stop=["STOP here"], **forced(llm, "Hello world STOP here and more")))
     assert "".join(c.content for c in chunks) == "Hello world "
+
+
+# -- under a grammar: a random-weight model's calls and JSON always parse and match the schema ----------
+class Switch(BaseModel):
+    """Turn a device on or off."""
+
+    device: Literal["lamp", "fan", "radio"]
+    on: bool
+
+
+def set_mode(mode: Literal["eco", "normal", "boost"], verbose: bool) -> str:
+    """Set the machine's mode."""
+    return mode
+
+
+@pytest.fixture(scope="module")
+def constrained_llm(llm):
+    pytest.importorskip("llguidance")
+    return llm.model_copy(update={"constrained_decoding": True, "max_tokens": 48})
+
+
+@pytest.mark.parametrize("choice", ["set_mode", "any"])
+def test_a_random_model_under_the_grammar_always_makes_a_valid_call(constrained_llm, llm, choice):
+    prompts = ["set it", "what now?", "boost please", "hello", "mode?"]
+    for prompt in prompts:
+        message = constrained_llm.bind_tools([set_mode], tool_choice=choice).invoke(prompt)
+        assert len(message.tool_calls) == 1 and not message.invalid_tool_calls, message
+        call = message.tool_calls[0]
+        assert call["name"] == "set_mode" and call["args"]["mode"] in ("eco", "normal", "boost")
+        assert isinstance(call["args"]["verbose"], bool) and set(call["args"]) == {"mode", "verbose"}
+        assert message.response_metadata["finish_reason"] == "tool_calls"
+    # the same random model writing freely does not manage it (which is why the grammar is there)
+    free = [llm.bind_tools([set_mode], tool_choice=choice).invoke(p) for p in prompts]
+    assert sum(1 for m in free if m.tool_calls) < len(prompts)
+
+
+def test_structured_output_under_the_grammar_parses_every_time(constrained_llm):
+    for method in ("function_calling", "json_schema"):
+        runnable = constrained_llm.with_structured_output(Switch, method=method)
+        for prompt in ("lamp on", "turn off the fan", "radio"):
+            result = runnable.invoke(prompt)
+            assert isinstance(result, Switch), (method, prompt, result)
+
+
+def test_streamed_call_under_the_grammar_aggregates(constrained_llm):
+    chunks = list(constrained_llm.bind_tools([set_mode], tool_choice="any").stream("go"))
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    assert merged.tool_calls[0]["name"] == "set_mode" and merged.tool_calls[0]["args"]["mode"] in ("eco", "normal", "boost")

@@ -125,10 +125,17 @@ def test_live_demo_runs_the_seed_timeline_with_real_switches(capsys, tiny_chat_d
     for clock in ("10:00", "10:15", "10:30", "10:45", "11:00"):
         assert clock in out
     assert "initial load" in out and "downgraded" in out and "upgraded" in out
-    assert "fp16 -> int4 (downgrade)" in out and "int4 -> fp16 (upgrade)" in out  # measured switch lines
+    assert "fp16 -> int4 (downgrade)" in out  # measured switch lines
+    # The tiny random model's INT4 measures below the balanced quality floor at 10:30, so at 10:45
+    # (moderate memory, 2 requests: the matrix's INT4 is asked for by load, memory allows INT8)
+    # the policy upgrades to INT8, then to 16-bit at 11:00.
+    assert "int4 -> int8 (upgrade)" in out and "int8 -> fp16 (upgrade)" in out
     assert "telemetry: 11 calls, 0 errors" in out
 
 
-def test_demo_without_the_model_is_a_clear_error(capsys, tmp_path):
+def test_demo_without_the_model_is_a_clear_error(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "demo", "--model", str(tmp_path / "missing"))
-    assert code == 2 and "pass --model PATH" in err
+    assert code == 2 and f"model path '{tmp_path / 'missing'}' does not exist" in err
+    monkeypatch.setenv("ADAPTQUANT_CACHE_DIR", str(tmp_path))  # an empty store: nothing pulled
+    code, _, err = run(capsys, "demo", "--model", "gemma3-270m")
+    assert code == 2 and "run `adaptquant models pull gemma3-270m`" in err

@@ -248,7 +248,8 @@ def test_unsupported_architecture(tiny_llama_dir, tmp_path, model_type):
 def test_forced_level_without_a_backend_names_the_available_ones(tiny_llama_dir, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # quanto not installed: nothing does int2
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # quanto not installed, and int2pack's
+    monkeypatch.setitem(sys.modules, "torchao.quantization.quant_primitives", None)  # quantizer gone: no int2
     loader = make_loader()
     with pytest.raises(UnsupportedLevelError) as info:
         loader.load_model(tiny_llama_dir, force_quantization="int2")
@@ -269,7 +270,9 @@ def test_bad_level_and_priority(tiny_llama_dir):
 
 
 def test_switching_back_to_a_level_reads_the_layer_cache_bit_exactly(tiny_llama_dir, tmp_path, monkeypatch):
-    loader = make_loader(cache_dir=tmp_path)
+    from langchain_adaptquant.layer_plan import UNIFORM
+
+    loader = make_loader(cache_dir=tmp_path, mixed_precision=UNIFORM)  # every layer at each level
     loaded = loader.load_model(tiny_llama_dir, force_quantization="fp16")
     layers = len(loaded.layer_backends)
     first = {}
@@ -300,6 +303,25 @@ def test_switching_back_to_a_level_reads_the_layer_cache_bit_exactly(tiny_llama_
     assert any(Path(folder).rglob("*.pt"))
     loader.evict(loaded.key)  # leaving the cache deletes its layers too
     assert loader.layer_cache.levels(loaded.key) == {} and not any(Path(folder).rglob("*.pt"))
+
+
+def test_mixed_precision_keeps_its_int4_layers_in_place_when_going_to_int2(tiny_llama_dir, tmp_path):
+    from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION
+
+    loader = make_loader(cache_dir=tmp_path, mixed_precision=DEFAULT_MIXED_PRECISION)
+    loaded = loader.load_model(tiny_llama_dir, force_quantization="int4")
+    kept = [name for name in loaded.layer_backends if name.endswith(("v_proj", "down_proj"))]
+    modules = {name: loaded.model.get_submodule(name) for name in kept}
+    loader.requantize(loaded, INT2)
+    assert loaded.level is INT2
+    assert {name: loaded.layer_levels[name] for name in kept} == {name: INT4 for name in kept}
+    assert all(loaded.model.get_submodule(name) is modules[name] for name in kept)  # not requantized
+    assert loaded.level_summary() == {"int4": len(kept), "int2": len(loaded.layer_backends) - len(kept)}
+    estimate = loaded.size.estimated_bytes(INT2)
+    assert abs(loaded.stored_bytes - estimate) <= 0.10 * loaded.stored_bytes
+    assert loaded.to_dict()["layer_levels"] == loaded.level_summary()
+    loader.requantize(loaded, FP16)
+    assert set(loaded.layer_levels.values()) == {FP16}
 
 
 def test_prepare_levels_makes_the_first_switch_a_read(tiny_llama_dir, tmp_path):

@@ -14,7 +14,13 @@ import pytest
 
 from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, PolicyConfig, ScriptedProbe
 from langchain_adaptquant.backends.quanto import QuantoBackend
-from langchain_adaptquant.backends.registry import PREFERENCE, available_levels, register_backend
+from langchain_adaptquant.backends.registry import (
+    PREFERENCE,
+    available_levels,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
 from langchain_adaptquant.errors import SwitchError
 from langchain_adaptquant.loader import AdaptiveModelLoader
 
@@ -105,8 +111,9 @@ def test_real_ballast_downgrades_then_freeing_it_upgrades(tiny_chat_dir):
     while meta["quantization_level"] == "int2" and time.monotonic() < deadline:
         meta = llm.invoke("hi").response_metadata
         time.sleep(0.1)
-    # upgraded after the cooldown; how far depends on what the rest of the machine uses by then
-    assert meta["quantization_level"] in ("fp16", "int8"), meta["decision_reason"]
+    # upgraded after the cooldown; how far depends on what the rest of the machine uses by then (a
+    # shared CI machine measured 58% projected once: moderate, where headroom can settle on int4)
+    assert meta["quantization_level"] in ("fp16", "int8", "int4"), meta["decision_reason"]
     assert "upgrade" in meta["decision_reason"], meta["decision_reason"]
 
 
@@ -129,7 +136,9 @@ def test_backend_error_mid_switch_rolls_back_and_serving_continues(tiny_chat_dir
     assert before.response_metadata["quantization_level"] == "fp16"
     failing = FailingQuanto()
     saved = copy.deepcopy(PREFERENCE)
-    register_backend(failing)  # replaces "quanto": no other backend can take int2
+    register_backend(failing)  # replaces "quanto" ...
+    int2pack = get_backend("int2pack")
+    unregister_backend("int2pack")  # ... and without int2pack no other backend can take int2
     try:
         loaded = loader.models()[0]
         with pytest.raises(SwitchError, match="rolled back"):
@@ -139,6 +148,7 @@ def test_backend_error_mid_switch_rolls_back_and_serving_continues(tiny_chat_dir
         after = llm.invoke("hello")
     finally:
         register_backend(QuantoBackend())
+        register_backend(int2pack)
         PREFERENCE.clear()
         PREFERENCE.update(saved)
     assert after.response_metadata["quantization_level"] == "fp16"

@@ -80,9 +80,9 @@ def registered():
 
 
 def test_cpu_offers_every_level_with_the_installed_libraries():
-    assert {b.name for b in available_backends()} == {"cast", "bitsandbytes", "torchao", "quanto"}
+    assert {b.name for b in available_backends()} == {"cast", "bitsandbytes", "torchao", "quanto", "int2pack"}
     assert available_levels("cpu") == [FP16, INT8, INT4, INT2]
-    assert len(CPU_PAIRS) == 8  # cast fp16; bnb int8/int4; torchao int8/int4; quanto int8/int4/int2
+    assert len(CPU_PAIRS) == 9  # cast fp16; bnb int8/int4; torchao int8/int4; quanto int8/int4/int2; int2pack int2
 
 
 @pytest.mark.parametrize("name, level", CPU_PAIRS)
@@ -217,16 +217,15 @@ def test_backend_failing_mid_quantize_falls_back_to_the_next(registered, caplog)
 
 
 def test_all_backends_failing_names_layer_level_and_each_failure(monkeypatch):
-    quanto = get_backend("quanto")
-
     def broken(linear, level, device):
         raise RuntimeError("no int2 today")
 
-    monkeypatch.setattr(quanto, "_quantize", broken)
+    for name in ("quanto", "int2pack"):
+        monkeypatch.setattr(get_backend(name), "_quantize", broken)
     with pytest.raises(BackendError) as info:
         quantize_linear_with_fallback(make_linear(96, 48), INT2, "cpu", layer="lm.block.3")
     message = str(info.value)
-    for part in ("lm.block.3", "in=96", "out=48", "int2", "cpu", "quanto", "no int2 today"):
+    for part in ("lm.block.3", "in=96", "out=48", "int2", "cpu", "quanto", "int2pack", "no int2 today"):
         assert part in message
 
 
@@ -237,6 +236,8 @@ def test_missing_library_makes_backend_unavailable_without_raising(monkeypatch):
     monkeypatch.setitem(sys.modules, "optimum.quanto", None)
     assert QuantoBackend().available() is False
     assert "quanto" not in {b.name for b in available_backends()}
+    assert INT2 in available_levels("cpu")  # int2pack (torchao + torch's kernel) still stores it
+    monkeypatch.setitem(sys.modules, "torchao.quantization.quant_primitives", None)
     assert INT2 not in available_levels("cpu")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     assert get_backend("bitsandbytes").available() is False

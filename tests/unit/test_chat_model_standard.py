@@ -28,11 +28,18 @@ class TestChatAdaptQuantStandard(ChatModelUnitTests):
         return True
 
 
-def test_defaults_point_at_the_embedded_model_and_nothing_loads():
+def test_defaults_point_at_the_pulled_real_model_else_the_embedded_one_and_nothing_loads(tmp_path, monkeypatch):
     from langchain_adaptquant.assets import reference_model_path
+    from langchain_adaptquant.pretrained import store
 
+    monkeypatch.setenv("ADAPTQUANT_CACHE_DIR", str(tmp_path))
+    assert ChatAdaptQuant().model == str(reference_model_path())  # nothing pulled here
+    pulled = store.model_dir("smollm2-135m")
+    pulled.mkdir(parents=True)
+    (pulled / "config.json").write_text("{}")
+    (pulled / store.SOURCE_FILE).write_text("{}")  # what a completed pull leaves last
     llm = ChatAdaptQuant()
-    assert llm.model == str(reference_model_path())
+    assert llm.model == str(pulled)
     assert llm._llm_type == "adaptquant"
     params = llm._get_ls_params(stop=["x"])
     assert params["ls_provider"] == "adaptquant" and params["ls_stop"] == ["x"] and params["ls_max_tokens"] == 256
