@@ -147,7 +147,7 @@ class _Ledger:
             key, start, end = ("object", id(tensor)), 0, tensor.numel() * itemsize
         ranges = self._ranges.setdefault(key, [])
         before = _union_length(ranges)
-        ranges.append((start, end))
+        ranges.append((int(start), int(end)))
         merged = _merge(ranges)
         self._ranges[key] = merged
         self._total += _union_length(merged) - before

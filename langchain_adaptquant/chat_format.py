@@ -82,7 +82,7 @@ def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
 
 
 def template_renders_tools(chat_template: Optional[str]) -> bool:
-    return bool(chat_template) and "tools" in chat_template
+    return chat_template is not None and "tools" in chat_template
 
 
 def tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:

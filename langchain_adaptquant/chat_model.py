@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from operator import itemgetter
-from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union, cast
 
 import torch
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -34,7 +34,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from langchain_adaptquant import chat_format, constrained, generation
 from langchain_adaptquant.errors import InvalidValueError
@@ -136,6 +136,8 @@ class ChatAdaptQuant(BaseChatModel):
         if self._remote is None:
             from langchain_adaptquant.remote import RemoteChat
 
+            if self.base_url is None:
+                raise RuntimeError("no base_url: this ChatAdaptQuant serves a local model")
             key = self.api_key.get_secret_value() if self.api_key else None
             self._remote = RemoteChat(self.base_url, key, self.timeout)
         return self._remote
@@ -474,7 +476,7 @@ class ChatAdaptQuant(BaseChatModel):
         merged = chunks[0]
         for chunk in chunks[1:]:
             merged += chunk
-        message = merged.message
+        message = cast(AIMessageChunk, merged.message)
         final = AIMessage(
             content=message.content, usage_metadata=message.usage_metadata,
             response_metadata=message.response_metadata, tool_calls=message.tool_calls,
@@ -600,7 +602,7 @@ class ChatAdaptQuant(BaseChatModel):
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format={
                 "kwargs": {"method": method}, "schema": tool})
             parser: Runnable = (
-                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                PydanticToolsParser(tools=[cast(type[BaseModel], schema)], first_tool_only=True)
                 if is_pydantic else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
@@ -611,7 +613,8 @@ class ChatAdaptQuant(BaseChatModel):
                 response_format = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
             llm = self.bind(response_format=response_format, ls_structured_output_format={
                 "kwargs": {"method": method}, "schema": convert_to_json_schema(schema) if schema is not None else None})
-            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+            parser = (PydanticOutputParser(pydantic_object=cast(type[BaseModel], schema)) if is_pydantic
+                      else JsonOutputParser())
         else:
             raise InvalidValueError("method", method, "'function_calling', 'json_schema' or 'json_mode'")
         if not include_raw:
@@ -644,13 +647,20 @@ class _Answer:
         self.request, self.prefill = request, prefill
         self.max_retries = max_retries
         self.attempts = 0
-        self.handle: Optional[RequestHandle] = None
+        self._handle: Optional[RequestHandle] = None
         self._in_use = contextlib.ExitStack()
         self._dispatched = 0
 
+    @property
+    def handle(self) -> RequestHandle:
+        """The engine request now serving this answer (the latest one after a retry)."""
+        if self._handle is None:
+            raise RuntimeError("the answer was not submitted yet")
+        return self._handle
+
     def submit(self) -> None:
         self._in_use.enter_context(self.loaded.in_use())
-        self.handle = self.loader.engine(self.loaded).submit(self.request)
+        self._handle = self.loader.engine(self.loaded).submit(self.request)
 
     def take_new_switches(self) -> list[SwitchRecord]:
         """Switch records not yet sent to the callbacks."""
@@ -665,7 +675,6 @@ class _Answer:
         several requests of one batch fail together and must not each step the model down).
         Nothing already streamed is sent again. False when no retry is left or no lower level exists.
         """
-        assert self.handle is not None
         progress = self.handle.progress()
         failed_at = QuantizationLevel.parse(progress.last_level) if progress.last_level else self.loaded.level
         lower = _next_lower(failed_at)
@@ -679,12 +688,12 @@ class _Answer:
             if record is not None:
                 self.call.switches.append(record)
         self.request = dataclasses.replace(self.request, resume=progress.resume())
-        self.handle = self.loader.engine(self.loaded).submit(self.request)
+        self._handle = self.loader.engine(self.loaded).submit(self.request)
         return True
 
     def close(self) -> None:
-        if self.handle is not None and not self.handle.done:
-            self.handle.cancel()
+        if self._handle is not None and not self._handle.done:
+            self._handle.cancel()
         self._in_use.close()
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
 from langchain_adaptquant.levels import TaskPriority
@@ -23,7 +23,7 @@ def _params(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --params {value!r}: expected a number of billions, e.g. 7")
+        raise argparse.ArgumentTypeError(f"invalid --params {value!r}: expected a number of billions, e.g. 7") from None
     if not math.isfinite(number) or number <= 0:
         raise argparse.ArgumentTypeError(f"invalid --params {value!r}: must be a finite number greater than 0")
     return number
@@ -33,14 +33,14 @@ def _priority(value: str) -> str:
     try:
         return TaskPriority.parse(value).value
     except InvalidValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _budget(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --memory-budget-gb {value!r}: expected a number of GiB")
+        raise argparse.ArgumentTypeError(f"invalid --memory-budget-gb {value!r}: expected a number of GiB") from None
     if not math.isfinite(number) or number <= 0:
         raise argparse.ArgumentTypeError(f"invalid --memory-budget-gb {value!r}: must be greater than 0")
     return number
@@ -135,14 +135,18 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
     total_gb = args.total_gb or 16.0
     title = f"Live: seed timeline on {os.path.basename(model.rstrip('/'))}, {args.priority} priority, " \
             f"scripted memory of a {total_gb:g} GiB host, 15 virtual minutes per step"
-    console = Console() if Console else None
+    console = Console() if Console is not None else None
     if console is not None and not console.is_terminal:
         console = Console(width=170)  # a log file has no width; keep the reasons readable
     rows: list[Any] = []
     if console is not None and console.is_terminal and Live is not None:
         with Live(render(rows, title), console=console, refresh_per_second=8) as live:
-            result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens,
-                              on_row=lambda row: (rows.append(row), live.update(render(rows, title))))
+
+            def show(row: Any) -> None:
+                rows.append(row)
+                live.update(render(rows, title))
+
+            result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=show)
     else:
         print(title, flush=True)
 
@@ -255,12 +259,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation forgotten)", flush=True)
             continue
         history.append(HumanMessage(text))
-        answer, last, started = [], None, time.perf_counter()
+        answer: list[str] = []
+        last, started = None, time.perf_counter()
         try:
             for chunk in llm.stream(history[-args.history:]):
                 if chunk.content:
-                    answer.append(chunk.content)
-                    sys.stdout.write(chunk.content)
+                    piece = cast(str, chunk.content)  # ChatAdaptQuant streams text content
+                    answer.append(piece)
+                    sys.stdout.write(piece)
                     sys.stdout.flush()
                 last = chunk
         except KeyboardInterrupt:
@@ -269,7 +275,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append(AIMessage("".join(answer)))
         meta = last.response_metadata if last is not None else {}
-        usage = (last.usage_metadata if last is not None else None) or {}
+        usage: Mapping[str, Any] = (last.usage_metadata if last is not None else None) or {}
         switched = "".join(f", switched {s['from_level']} -> {s['to_level']}" for s in meta.get("switches", []))
         print(f"\n[{meta.get('quantization_level', '?')} · {usage.get('output_tokens', 0)} tokens · "
               f"{time.perf_counter() - started:.2f}s{switched}]", flush=True)

@@ -124,7 +124,7 @@ class _Criteria(StoppingCriteria):
         elif self.watch.stopped_at is not None:
             self.reason = "stop"
         stop = self.reason is not None
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -155,7 +155,7 @@ def generate(
     deadline = time.monotonic() + settings.timeout_s if settings.timeout_s else None
     prompt_len = input_ids.shape[1]
     criteria = _Criteria(watch, prompt_len, cancel, deadline, on_tokens)
-    sample = bool(settings.temperature) and settings.temperature > 0
+    sample = settings.temperature is not None and settings.temperature > 0
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens,
         "do_sample": sample,

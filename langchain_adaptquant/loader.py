@@ -276,7 +276,7 @@ class LoadedModel:
     def backend(self) -> str:
         """The backend holding most layers: the one-word answer for response metadata."""
         summary = self.backend_summary()
-        return max(summary, key=summary.get) if summary else "none"
+        return max(summary, key=lambda backend: summary[backend]) if summary else "none"
 
     @contextmanager
     def in_use(self) -> Iterator["LoadedModel"]:
@@ -318,7 +318,8 @@ class LoadedModel:
 
 def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every Linear except the output head, in module order (the head stays 16-bit, as in sizing)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if output_embeddings is not None else None
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
 
 
@@ -334,7 +335,7 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _read_generation_config(model: nn.Module, folder: Path) -> None:
+def _read_generation_config(model: Any, folder: Path) -> None:
     """Use the folder's generation_config.json (end-of-turn ids, a base model's stop strings), as
     ``from_pretrained`` does; a skeleton built from the config alone only knows the config's eos id."""
     if not (folder / "generation_config.json").is_file():
@@ -716,6 +717,7 @@ class AdaptiveModelLoader:
         """Evict every idle model and return what was freed, measured on the process."""
         rss_before, anon_before = process_memory()
         evicted, kept = [], []
+        loaded: Optional[LoadedModel] = None
         for loaded in self.models():
             if loaded.active_requests:
                 kept.append(loaded.name)
@@ -838,7 +840,7 @@ class AdaptiveModelLoader:
         return model.eval()
 
     def _materialize(
-        self, model: nn.Module, source: WeightSource, level: QuantizationLevel, name: str, key: str
+        self, model: Any, source: WeightSource, level: QuantizationLevel, name: str, key: str
     ) -> tuple[nn.Module, dict[str, str], dict[str, QuantizationLevel]]:
         dtype = compute_dtype(self.device)
         targets = quantizable_linears(model)
@@ -847,7 +849,7 @@ class AdaptiveModelLoader:
         for module_name, module in model.named_modules():
             if module_name in target_names:
                 continue
-            for param_name, param in list(module.named_parameters(recurse=False)):
+            for param_name, _param in list(module.named_parameters(recurse=False)):
                 full = f"{module_name}.{param_name}" if module_name else param_name
                 if full not in source:
                     continue  # tied weights are filled by tie_weights below; leftovers are checked after
@@ -975,7 +977,7 @@ class AdaptiveModelLoader:
 
         return AutoTokenizer.from_pretrained(str(folder))
 
-    def _write_object(self, model: nn.Module, tokenizer: Any) -> Path:
+    def _write_object(self, model: Any, tokenizer: Any) -> Path:
         """Write an in-memory model once to the local safetensors cache; later calls reuse it."""
         if not hasattr(model, "save_pretrained"):
             raise UnsupportedArchitectureError(

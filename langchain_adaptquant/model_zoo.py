@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from langchain_adaptquant.assets import reference_model_path
 from langchain_adaptquant.errors import InvalidValueError, choices
@@ -29,7 +29,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.ji
 _REFERENCE_VOCAB = {"vocab_size": 8192, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
 
 
-def _reference_vocab() -> dict[str, int]:
+def _reference_vocab() -> dict[str, Any]:
     """Vocab size and special ids of the shipped reference model, so its tokenizer fits our models."""
     config_file = reference_model_path() / "config.json"
     if not config_file.is_file():

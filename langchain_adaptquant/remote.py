@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, AsyncIterator, Iterator, Mapping, Optional
+from typing import Any, AsyncIterator, Iterator, Mapping, Optional, cast
 from urllib.parse import urlparse
 
 import httpx
@@ -177,7 +177,7 @@ def _merged(merged: Optional[ChatGenerationChunk]) -> ChatResult:
     """A streamed answer as one result (``streaming=True`` on invoke)."""
     if merged is None:
         raise RemoteEndpointError("the endpoint streamed nothing")
-    message = merged.message
+    message = cast(AIMessageChunk, merged.message)
     return _result(AIMessage(content=message.content, usage_metadata=message.usage_metadata,
                              response_metadata=message.response_metadata, tool_calls=message.tool_calls))
 

@@ -105,7 +105,7 @@ class ModelSize:
     def estimated_bytes(self, level: QuantizationLevel | str, layout: Optional[LevelLayout] = None) -> int:
         """Bytes the model occupies at ``level``; see the module docstring for the formula."""
         level = QuantizationLevel.parse(level)
-        total = self.unquantized_params * 2
+        total: float = self.unquantized_params * 2
         if layout is not None or not self.mixed.active or level not in self.mixed.at_levels:
             layout = layout or DEFAULT_LAYOUTS[level]
             return int(math.ceil(total + _linear_bytes(self.quantizable_params, self.quantizable_rows, layout)))

@@ -41,7 +41,8 @@ class UnsupportedLevelError(AdaptQuantError):
         available: Optional[Iterable[LevelLike]] = None,
     ) -> None:
         if device is None:
-            self.level, self.device, self.available = None, None, ()
+            self.level, self.device = None, None
+            self.available: tuple[QuantizationLevel, ...] = ()
             super().__init__(str(level))
             return
         self.level = QuantizationLevel.parse(level)
@@ -100,7 +101,7 @@ class QuantizationBackend(ABC):
             return False
         return True
 
-    def _import(self) -> None:
+    def _import(self) -> None:  # noqa: B027 - an optional hook: most backends need no import
         """Import the optional library (raising when it is missing). Default: nothing needed."""
 
     @abstractmethod

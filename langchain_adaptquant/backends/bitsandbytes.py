@@ -90,6 +90,7 @@ class BitsAndBytesBackend(QuantizationBackend):
         # Both parameter classes quantize while being moved with .to(device); they only do so when
         # the data starts on the CPU, which is where the loader's memory-mapped weights are anyway.
         weight = linear.weight.detach().to(device="cpu", dtype=dtype)
+        module: nn.Module
         if level is QuantizationLevel.INT8:
             _quiet_int8_cast_notice()
             module = bnb.nn.Linear8bitLt(
@@ -102,7 +103,7 @@ class BitsAndBytesBackend(QuantizationBackend):
             )
             module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         else:
-            module = bnb.nn.Linear4bit(
+            module = four_bit = bnb.nn.Linear4bit(
                 linear.in_features,
                 linear.out_features,
                 bias=has_bias,
@@ -112,14 +113,14 @@ class BitsAndBytesBackend(QuantizationBackend):
                 quant_storage=torch.uint8,
                 device="meta",
             )
-            module.weight = bnb.nn.Params4bit(
+            four_bit.weight = bnb.nn.Params4bit(
                 weight,
                 requires_grad=False,
                 blocksize=NF4_BLOCKSIZE,
                 compress_statistics=True,
                 quant_type="nf4",
                 quant_storage=torch.uint8,
-                module=module,
+                module=four_bit,
             )
         if has_bias:
             module.bias = nn.Parameter(linear.bias.detach().to(device="cpu", dtype=dtype), requires_grad=False)

@@ -64,6 +64,9 @@ def _expand(stored: torch.Tensor, packed_shape: torch.Size) -> torch.Tensor:
 class Int2PackedLinear(nn.Module):
     """A Linear whose weight is 2-bit codes (four per byte) with a bf16 scale and zero per group."""
 
+    stored: torch.Tensor  # registered buffers, declared for the type checker
+    scale_and_zero: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, group_size: int, stored: torch.Tensor,
                  scale_and_zero: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         super().__init__()

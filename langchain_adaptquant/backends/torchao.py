@@ -97,8 +97,9 @@ class TorchAOBackend(QuantizationBackend):
             # set_inductor_config=False: do not change torch.compile settings for the whole process.
             return Int8WeightOnlyConfig(set_inductor_config=False)
         group = int4_group_size(linear.in_features, self.int4_group_sizes)
-        if device_type(device) == "cpu":
-            return _cpu_int4_config()(
+        cpu_int4 = _cpu_int4_config()
+        if device_type(device) == "cpu" and cpu_int4 is not None:  # supports() admits CPU INT4 only with it
+            return cpu_int4(
                 group_size=group, int4_choose_qparams_algorithm=self.int4_algorithm, set_inductor_config=False
             )
         from torchao.quantization import Int4WeightOnlyConfig

@@ -68,7 +68,7 @@ def _keep_syllable_counting_offline() -> str:
     except ImportError:
         return "pyphen"
     # count_syllables treats a missing dictionary (None) as "not English" and falls back to pyphen.
-    _count_syllables.get_cmudict = lambda lang: None  # type: ignore[attr-defined]
+    _count_syllables.get_cmudict = lambda lang: None
     return "pyphen"
 
 

@@ -52,7 +52,7 @@ def _priority(value: str) -> str:
     try:
         return TaskPriority.parse(value).value
     except AdaptQuantError as error:
-        raise argparse.ArgumentTypeError(str(error))
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _default_llm(args: argparse.Namespace) -> Any:

@@ -105,7 +105,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, chat_template: Optional[str] = 
             f"{type(error).__name__}: {error}"
         ) from None
     # The model is now dense bf16; it only still *says* it is GGUF-quantized, which save_pretrained refuses.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = summary.name

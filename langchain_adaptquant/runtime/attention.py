@@ -90,6 +90,8 @@ def row_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         if out is None:
             out = part.new_empty((query.shape[0],) + tuple(part.shape[1:]))
         out[group.rows] = part
+    if out is None:
+        raise ValueError("row_attention got an empty row_groups: a decode step has at least one row")
     return out, None
 
 

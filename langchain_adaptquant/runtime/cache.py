@@ -49,6 +49,12 @@ class GrowingLayer(DynamicLayer):
         self.device = key_states.device
         self.is_initialized = True
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers, which exist once ``reserve`` or ``resize`` made them."""
+        if self.key_buffer is None or self.value_buffer is None:
+            raise RuntimeError("this cache layer holds no buffers yet: reserve() comes first")
+        return self.key_buffer, self.value_buffer
+
     def reserve(self, rows: int, columns: int, like: torch.Tensor) -> None:
         """Room for ``rows`` x ``columns``; grows (copying what is in use) only when short."""
         buffer = self.key_buffer
@@ -65,8 +71,9 @@ class GrowingLayer(DynamicLayer):
         keys = like.new_zeros((rows, heads, columns, dim))
         values = keys.clone()
         if self.key_buffer is not None and self.rows and self.length:
-            keys[: self.rows, :, : self.length] = self.key_buffer[: self.rows, :, : self.length]
-            values[: self.rows, :, : self.length] = self.value_buffer[: self.rows, :, : self.length]
+            old_keys, old_values = self.buffers()
+            keys[: self.rows, :, : self.length] = old_keys[: self.rows, :, : self.length]
+            values[: self.rows, :, : self.length] = old_values[: self.rows, :, : self.length]
         self.key_buffer, self.value_buffer = keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -75,27 +82,29 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self.write_at is not None:  # decode: one new column per row, each at its own length
             rows, columns = self.write_at
+            key_buffer, value_buffer = self.buffers()
             if isinstance(columns, int):  # one row: a plain slice is cheaper than an indexed write
-                self.key_buffer[:1, :, columns : columns + 1] = key_states
-                self.value_buffer[:1, :, columns : columns + 1] = value_states
+                key_buffer[:1, :, columns : columns + 1] = key_states
+                value_buffer[:1, :, columns : columns + 1] = value_states
             else:
-                self.key_buffer[rows, :, columns] = key_states[:, :, 0]
-                self.value_buffer[rows, :, columns] = value_states[:, :, 0]
+                key_buffer[rows, :, columns] = key_states[:, :, 0]
+                value_buffer[rows, :, columns] = value_states[:, :, 0]
             self.length += 1
-            shown = min(-(-self.length // self.round_keys) * self.round_keys, self.key_buffer.shape[2])
-            self.keys = self.key_buffer[: self.rows, :, :shown]
-            self.values = self.value_buffer[: self.rows, :, :shown]
-            return self.keys, self.values
+            shown = min(-(-self.length // self.round_keys) * self.round_keys, key_buffer.shape[2])
+            keys, values = key_buffer[: self.rows, :, :shown], value_buffer[: self.rows, :, :shown]
+            self.keys, self.values = keys, values
+            return keys, values
         # prefill of one sequence: append its tokens
         self.rows = max(self.rows, key_states.shape[0])
         end = self.length + key_states.shape[-2]
         self.reserve(self.rows, end, key_states)
-        self.key_buffer[: self.rows, :, self.length : end] = key_states
-        self.value_buffer[: self.rows, :, self.length : end] = value_states
+        key_buffer, value_buffer = self.buffers()
+        key_buffer[: self.rows, :, self.length : end] = key_states
+        value_buffer[: self.rows, :, self.length : end] = value_states
         self.length = end
-        self.keys = self.key_buffer[: self.rows, :, :end]
-        self.values = self.value_buffer[: self.rows, :, :end]
-        return self.keys, self.values
+        keys, values = key_buffer[: self.rows, :, :end], value_buffer[: self.rows, :, :end]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.length
@@ -127,6 +136,14 @@ class PackedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return 0  # every prompt in it starts fresh; its tokens go to batch rows afterwards
+
+
+def _held(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed layer's keys and values, which exist once the prefill ran."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or values is None:
+        raise RuntimeError("this packed cache layer holds no keys yet: run the prefill first")
+    return keys, values
 
 
 def packed_cache(num_layers: int) -> Cache:
@@ -176,8 +193,8 @@ class BatchCache:
     @property
     def nbytes(self) -> int:
         if not self.batched:
-            return sum(2 * l.keys.numel() * l.keys.element_size() for l in self.cache.layers
-                       if getattr(l, "keys", None) is not None and l.keys.numel())
+            held = (getattr(cached, "keys", None) for cached in self.cache.layers)
+            return sum(2 * keys.numel() * keys.element_size() for keys in held if keys is not None and keys.numel())
         return sum(layer.nbytes for layer in self.layers) + self.mask.numel()
 
     # -- one sequence, prefilled on its own -----------------------------------------------------
@@ -204,13 +221,14 @@ class BatchCache:
             single.cache, single.lengths = single._fresh_cache(), []
             return
         length = single.lengths[0]
-        self._add_row([(layer.key_buffer[0, :, :length], layer.value_buffer[0, :, :length]) for layer in single.layers])
+        self._add_row([(keys[0, :, :length], values[0, :, :length])
+                       for keys, values in (layer.buffers() for layer in single.layers)])
         single.clear()
 
     def add_packed(self, packed: Cache, start: int, length: int) -> None:
         """Take one prompt of a packed prefill (tokens ``start`` to ``start + length``) as a new row."""
-        self._add_row([(layer.keys[0, :, start : start + length], layer.values[0, :, start : start + length])
-                       for layer in packed.layers])
+        self._add_row([(keys[0, :, start : start + length], values[0, :, start : start + length])
+                       for keys, values in (_held(layer) for layer in packed.layers)])
 
     def _add_row(self, per_layer: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """A new row holding these keys and values (``[heads, tokens, head_dim]`` per layer)."""
@@ -222,10 +240,11 @@ class BatchCache:
             if not mine.is_initialized:
                 mine.lazy_initialization(keys, values)
             mine.reserve(row + 1, columns, keys.unsqueeze(0) if mine.key_buffer is None else mine.key_buffer)
-            mine.key_buffer[row, :, :length] = keys
-            mine.value_buffer[row, :, :length] = values
-            mine.key_buffer[row, :, length:] = 0  # a former row's keys: masked, but keep them finite and zero
-            mine.value_buffer[row, :, length:] = 0
+            key_buffer, value_buffer = mine.buffers()
+            key_buffer[row, :, :length] = keys
+            value_buffer[row, :, :length] = values
+            key_buffer[row, :, length:] = 0  # a former row's keys: masked, but keep them finite and zero
+            value_buffer[row, :, length:] = 0
             mine.rows, mine.length = row + 1, max(mine.length, length)
         self._reserve_mask(row + 1, columns)
         self.mask[row] = False
@@ -246,15 +265,18 @@ class BatchCache:
         if not self.batched:
             return None, positions
         end = self.length + 1
+        rows: Optional[torch.Tensor]
+        columns: Any
+        write_at: tuple[Optional[torch.Tensor], Any]
         if self.rows == 1:
             rows, columns, write_at = None, self.lengths[0], (None, self.lengths[0])
         else:
             rows, columns = torch.arange(self.rows, device=self.device), positions[:, 0]
             write_at = (rows, columns)
-        grow = end > self.layers[0].key_buffer.shape[2]  # every layer has the same shape
+        grow = end > self.layers[0].buffers()[0].shape[2]  # every layer has the same shape
         for layer in self.layers:
             if grow:
-                layer.reserve(self.rows, end, layer.key_buffer)
+                layer.reserve(self.rows, end, layer.buffers()[0])
             layer.write_at = write_at
         self._reserve_mask(self.rows, end)
         if rows is None:
@@ -282,16 +304,17 @@ class BatchCache:
             last = self.rows - 1
             if row != last and self.batched:
                 for layer in self.layers:
-                    layer.key_buffer[row, :, : self.lengths[last]] = layer.key_buffer[last, :, : self.lengths[last]]
-                    layer.value_buffer[row, :, : self.lengths[last]] = layer.value_buffer[last, :, : self.lengths[last]]
+                    key_buffer, value_buffer = layer.buffers()
+                    key_buffer[row, :, : self.lengths[last]] = key_buffer[last, :, : self.lengths[last]]
+                    value_buffer[row, :, : self.lengths[last]] = value_buffer[last, :, : self.lengths[last]]
                 self.mask[row] = self.mask[last]
             self.lengths[row] = self.lengths[last]
             items[row] = items[last]
             self.lengths.pop()
             items.pop()
-            for layer in self.cache.layers:
-                if isinstance(layer, GrowingLayer):
-                    layer.rows = self.rows
+            for cached in self.cache.layers:
+                if isinstance(cached, GrowingLayer):
+                    cached.rows = self.rows
         if not self.rows:
             self.clear()
             return
@@ -303,7 +326,7 @@ class BatchCache:
         length, rows = self.length, self.rows
         for layer in self.layers:
             layer.length = length
-            buffer = layer.key_buffer
+            buffer = layer.buffers()[0]
             if buffer.shape[0] > 2 * rows or buffer.shape[2] > 2 * _capacity(length + 1):
                 layer.resize(rows, _capacity(length + 1), buffer)
         if self.mask.shape[0] > 2 * rows or self.mask.shape[1] > 2 * _capacity(length + 1):

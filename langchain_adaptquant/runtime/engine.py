@@ -217,7 +217,7 @@ class GenerationEngine:
         self.max_batch_seen = 0
         if not self.row_batching:
             logger.info("%s: cache layout %s / attention %s: one sequence per step", name,
-                        [type(l).__name__ for l in BatchCache(1, self.device, False, model.config).cache.layers][:2], impl)
+                        [type(cached).__name__ for cached in BatchCache(1, self.device, False, model.config).cache.layers][:2], impl)
 
     # -- public -----------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:

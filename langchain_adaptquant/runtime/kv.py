@@ -67,17 +67,17 @@ def kv_layout(config: Any, dtype_bytes: int = 2) -> KVLayout:
             "model config", type(config).__name__,
             "a config with num_hidden_layers and num_attention_heads (positive integers) to size its KV cache",
         )
-    kv_heads = _first(config, "num_key_value_heads", "n_head_kv", "num_kv_heads")
+    kv_heads: Any = _first(config, "num_key_value_heads", "n_head_kv", "num_kv_heads")
     if kv_heads is None:
         kv_heads = 1 if getattr(config, "multi_query", False) else heads
-    head_dim = _first(config, "head_dim")
+    head_dim: Any = _first(config, "head_dim")
     if head_dim is None:
         hidden = _first(config, "hidden_size", "n_embd", "d_model")
         if not isinstance(hidden, int):
             raise InvalidValueError("model config", type(config).__name__, "a config with head_dim or hidden_size")
         head_dim = hidden // heads
     layer_types = getattr(config, "layer_types", None) or ()
-    window = _first(config, "sliding_window")
+    window: Any = _first(config, "sliding_window")
     sliding = sum(1 for kind in layer_types[:layers] if kind == "sliding_attention") if window else 0
     if window and not layer_types and getattr(config, "use_sliding_window", False):
         sliding = layers  # older configs: one window for every layer

@@ -235,7 +235,7 @@ class RequestHandle:
                 while piece is None and not finished:
                     self._cond.wait()
                     piece, finished = self._next()
-            if finished:
+            if finished or piece is None:  # a None piece comes only with finished
                 return
             yield piece
 

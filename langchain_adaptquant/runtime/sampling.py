@@ -38,7 +38,7 @@ class RowSampler:
                         if sampling.repetition_penalty not in (None, 1.0) else None)
         warpers = LogitsProcessorList()
         if not self.greedy:
-            if sampling.temperature != 1.0:
+            if sampling.temperature is not None and sampling.temperature != 1.0:  # not greedy: set and > 0
                 warpers.append(TemperatureLogitsWarper(sampling.temperature))
             if sampling.top_k is not None:
                 warpers.append(TopKLogitsWarper(sampling.top_k))
@@ -70,18 +70,19 @@ class RowSampler:
             scores[:, self.eos] = float("-inf")
         if self.greedy:
             return int(scores.argmax(dim=-1))
-        scores = self.warpers(input_ids, scores) if len(self.warpers) else scores
+        # the warpers (temperature, top-k, top-p) read only the scores, never the ids
+        scores = self.warpers(input_ids, scores) if len(self.warpers) else scores  # type: ignore[arg-type]
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 def next_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler], ids: Sequence[Sequence[int]],
-                generated: Sequence[int]) -> list[object]:
+                generated: Sequence[int]) -> list[int | BaseException]:
     """One token per row (an int), or the exception that row's own processing raised.
 
     ``logits`` is ``[rows, vocab]``. Plain greedy rows cost one batched argmax and one transfer.
     """
-    out: list[object] = [0] * len(samplers)
+    out: list[int | BaseException] = [0] * len(samplers)
     plain = [i for i, s in enumerate(samplers) if s.plain]
     if len(plain) == len(samplers):
         return list(logits.argmax(dim=-1).tolist())

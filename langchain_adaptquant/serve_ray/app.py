@@ -17,6 +17,10 @@ _, serve = import_ray()
 
 from langchain_adaptquant.serve_ray.replica import AdaptQuantReplica  # noqa: E402 - needs Ray
 
+# ``@serve.deployment`` makes the class a Deployment (``.options``, ``.bind``); Ray's decorator typing
+# does not carry that over, so the type checker sees it through Any.
+_DEPLOYMENT: Any = AdaptQuantReplica
+
 #: What a config file's ``import_path`` names.
 IMPORT_PATH = "langchain_adaptquant.serve_ray:app_builder"
 
@@ -31,7 +35,7 @@ def build_app(
     budgets = budgets or BudgetSettings()
     scaling.check_budgets(budgets)
     options = scaling.deployment_options(replica)
-    return AdaptQuantReplica.options(**options, user_config=budgets.to_user_config()).bind(replica.to_args())
+    return _DEPLOYMENT.options(**options, user_config=budgets.to_user_config()).bind(replica.to_args())
 
 
 def app_builder(args: Mapping[str, Any]) -> Any:
@@ -41,7 +45,7 @@ def app_builder(args: Mapping[str, Any]) -> Any:
     ``ray_actor_options`` and ``user_config``; Serve applies them over these defaults.
     """
     replica = ReplicaSettings.from_args(args)
-    return AdaptQuantReplica.options(max_ongoing_requests=replica.max_queue).bind(replica.to_args())
+    return _DEPLOYMENT.options(max_ongoing_requests=replica.max_queue).bind(replica.to_args())
 
 
 def serve_config(

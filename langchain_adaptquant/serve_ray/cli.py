@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.serve_ray.settings import BudgetSettings, ReplicaSettings, ScalingSettings
@@ -121,8 +121,8 @@ def settings_from_args(args: argparse.Namespace, model: str, token: Optional[str
         target_ongoing_requests=args.target_ongoing_requests or 2.0, num_cpus=num_cpus,
         **{name: getattr(args, name) for name in ("upscale_delay_s", "downscale_delay_s") if getattr(args, name) is not None},
     )
-    given = args.memory_budget_gb or ()
-    budgets = BudgetSettings(memory_budget_gb=given[0]) if len(given) == 1 else BudgetSettings(memory_budgets_gb=given)
+    given: Sequence[float] = args.memory_budget_gb or ()
+    budgets = BudgetSettings(memory_budget_gb=given[0]) if len(given) == 1 else BudgetSettings(memory_budgets_gb=tuple(given))
     scaling.check_budgets(budgets)
     scaling.check_queue(replica)
     return replica, scaling, budgets

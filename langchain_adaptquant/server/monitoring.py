@@ -74,7 +74,7 @@ def memory(ctx: Ctx) -> dict[str, Any]:
     """The policy's snapshot, this process's RSS/anonymous memory, and what each cached model stores."""
     snapshot = ctx.manager.snapshot()
     rss, anon = process_memory()
-    models = []
+    models: list[dict[str, Any]] = []
     for loaded in ctx.loader.models():
         file_backed = file_backed_bytes(loaded.model, loaded.folder)
         models.append({

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
@@ -91,7 +91,7 @@ def finish_reason(raw: Optional[str]) -> str:
     return _FINISH_REASONS.get(raw or "stop", raw or "stop")
 
 
-def tool_calls_out(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def tool_calls_out(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """LangChain tool calls -> OpenAI ``tool_calls`` (arguments as a JSON string)."""
     return [
         {
@@ -103,7 +103,7 @@ def tool_calls_out(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def usage_out(usage: Optional[dict[str, Any]]) -> dict[str, int]:
+def usage_out(usage: Optional[Mapping[str, Any]]) -> dict[str, int]:
     usage = usage or {}
     prompt, completion = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
