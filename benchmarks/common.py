@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from langchain_adaptquant import AdaptiveModelLoader, DynamicQuantizationManager, PolicyConfig, ScriptedProbe
+from langchain_adaptquant.units import MIB as MB
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
@@ -44,7 +45,6 @@ __all__ = [
     "write_json",
 ]
 
-MB = 2**20
 #: Document separator the reference model was evaluated with (first context token of eval.json's method).
 EOT = "<|endoftext|>"
 DEFAULT_WINDOW = 256

@@ -56,7 +56,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))  # run from a checkout without installing the package
 
 T0 = time.perf_counter()
-MB = 2**20
+from langchain_adaptquant.units import MIB as MB  # noqa: E402
 LEVELS = ("fp16", "int8", "int4", "int2")
 CHAIN = ("int8", "int4", "int2", "int4", "fp16")
 INFLIGHT_CHAIN = ("int8", "int4", "fp16")

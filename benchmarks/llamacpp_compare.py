@@ -73,13 +73,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypedDict
 
+from langchain_adaptquant.units import MIB as MB
+
 # Heavy libraries (torch, transformers, llama_cpp) are imported inside the functions that need
 # them: this file is also the worker of every engine, and the llama.cpp worker must not load torch.
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT_DIR = HERE / "results"
-MB = 2**20
 
 # -- where the model is: the package's store of pulled models --------------------------------------
 # `adaptquant models pull smollm2-135m` keeps the converted bf16 folder and, under source/, the very

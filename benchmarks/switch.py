@@ -36,9 +36,9 @@ import torch
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
 from langchain_adaptquant.levels import QuantizationLevel
 from langchain_adaptquant.loader import AdaptiveModelLoader, release_memory
+from langchain_adaptquant.units import MIB as MB
 
 CHAIN = ("int8", "int4", "int2", "int4", "fp16")
-MB = 2**20
 
 
 def read_status() -> dict[str, int]:

@@ -23,7 +23,6 @@ batch decodes, against 1.15 x max(before, after) + the KV cache. Writes
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import threading
@@ -43,6 +42,7 @@ from common import MB, machine_info, print_table, quiet_loader, read_status, res
 from levels import bytes_read_per_token, copy_bandwidth  # noqa: E402
 
 from langchain_adaptquant import ChatAdaptQuant, generation  # noqa: E402
+from langchain_adaptquant.load import nearest_rank  # noqa: E402
 from langchain_adaptquant.loader import LoadedModel  # noqa: E402
 from langchain_adaptquant.runtime import EngineConfig, GenerationEngine  # noqa: E402
 
@@ -76,9 +76,11 @@ class Point:
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest rank, as LoadTracker reports it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+    """Nearest rank, as LoadTracker reports it (the package's one percentile rule)."""
+    value = nearest_rank(sorted(values), fraction)
+    if value is None:
+        raise ValueError("no latencies were measured")
+    return value
 
 
 def run_clients(call: Callable[[str], tuple[int, str]], clients: int, requests: int,

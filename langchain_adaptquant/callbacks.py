@@ -13,12 +13,13 @@ global default, so two recorders (or two tests) in one process do not collide.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Optional
 from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
@@ -26,7 +27,8 @@ from langchain_core.outputs import LLMResult
 
 from langchain_adaptquant.chat_model import REQUANTIZE_EVENT
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.levels import QuantizationLevel, switch_direction
+from langchain_adaptquant.load import nearest_rank
 
 __all__ = [
     "REQUANTIZE_EVENT",
@@ -65,12 +67,6 @@ def _percent(value: Any) -> Optional[float]:
         except ValueError:
             return None
     return None
-
-
-def _nearest_rank(sorted_values: Sequence[float], fraction: float) -> Optional[float]:
-    if not sorted_values:
-        return None
-    return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
 
 
 @dataclass(frozen=True)
@@ -326,8 +322,8 @@ class TelemetryRecorder:
                 "cancelled": totals.cancelled,
                 "in_flight": len(self._pending),
                 "switches": {"total": sum(switches.values()), **switches},
-                "latency_p50_s": _round(_nearest_rank(latencies, 0.50)),
-                "latency_p95_s": _round(_nearest_rank(latencies, 0.95)),
+                "latency_p50_s": _round(nearest_rank(latencies, 0.50)),
+                "latency_p95_s": _round(nearest_rank(latencies, 0.95)),
                 "levels": dict(totals.levels),
                 "tokens": {"input": totals.input_tokens, "output": totals.output_tokens},
                 "history": {"calls": len(self._calls), "switches": len(self._switches), "max": self.max_history},
@@ -351,11 +347,12 @@ def _round(value: Optional[float]) -> Optional[float]:
 
 
 def _direction(from_level: Any, to_level: Any) -> Optional[str]:
+    """The direction of a switch event that did not carry one; None when a level is not one we know."""
     try:
         before, after = QuantizationLevel.parse(from_level), QuantizationLevel.parse(to_level)
     except InvalidValueError:
         return None
-    return "downgrade" if after.rank < before.rank else "upgrade"
+    return switch_direction(before, after)
 
 
 def _prometheus_installed() -> bool:
@@ -385,11 +382,24 @@ def _model_name(serialized: Optional[dict[str, Any]], kwargs: dict[str, Any]) ->
     return (serialized or {}).get("name") if serialized else None
 
 
-class _RecorderViews:
-    """The recorder's read side on the handlers themselves, for convenience (sync and async alike)."""
+class _TelemetryHooks:
+    """What both handlers do: the recorder (own or shared), its read side, and the hook bodies.
 
-    recorder: "TelemetryRecorder"
+    The hooks are plain methods; the sync handler uses them as they are and the async handler wraps
+    each one in a coroutine (``_awaitable``), so the two cannot drift apart.
+    """
 
+    def __init__(
+        self,
+        recorder: Optional[TelemetryRecorder] = None,
+        max_history: int = 1000,
+        registry: Any = None,
+        prometheus: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.recorder = recorder or TelemetryRecorder(max_history=max_history, registry=registry, prometheus=prometheus)
+
+    # -- the recorder's read side, on the handler for convenience --------------------------------
     def summary(self) -> dict[str, Any]:
         return self.recorder.summary()
 
@@ -402,26 +412,7 @@ class _RecorderViews:
     def prometheus_text(self) -> bytes:
         return self.recorder.prometheus_text()
 
-
-class QuantizationTelemetryHandler(_RecorderViews, BaseCallbackHandler):
-    """Records every chat-model call and every precision switch it sees (sync callbacks).
-
-    Attach it per call (``config={"callbacks": [handler]}``) or to the model (``callbacks=[...]``).
-    Pass ``recorder=`` to share one history with an :class:`AsyncQuantizationTelemetryHandler`.
-    """
-
-    run_inline = True  # cheap, lock-protected work: no need for a thread hop in async runs
-
-    def __init__(
-        self,
-        recorder: Optional[TelemetryRecorder] = None,
-        max_history: int = 1000,
-        registry: Any = None,
-        prometheus: Optional[bool] = None,
-    ) -> None:
-        super().__init__()
-        self.recorder = recorder or TelemetryRecorder(max_history=max_history, registry=registry, prometheus=prometheus)
-
+    # -- hooks ------------------------------------------------------------------------------------
     def on_chat_model_start(self, serialized: dict[str, Any], messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self.recorder.start(run_id, _model_name(serialized, kwargs))
 
@@ -439,33 +430,31 @@ class QuantizationTelemetryHandler(_RecorderViews, BaseCallbackHandler):
             self.recorder.switch(data, run_id)
 
 
+def _awaitable(hook: Callable[..., None]) -> Callable[..., Awaitable[None]]:
+    """The async form of a sync hook: same body, run inline (it only takes a lock and appends)."""
 
-class AsyncQuantizationTelemetryHandler(_RecorderViews, AsyncCallbackHandler):
+    @functools.wraps(hook)
+    async def run(self: Any, *args: Any, **kwargs: Any) -> None:
+        hook(self, *args, **kwargs)
+
+    return run
+
+
+class QuantizationTelemetryHandler(_TelemetryHooks, BaseCallbackHandler):
+    """Records every chat-model call and every precision switch it sees (sync callbacks).
+
+    Attach it per call (``config={"callbacks": [handler]}``) or to the model (``callbacks=[...]``).
+    Pass ``recorder=`` to share one history with an :class:`AsyncQuantizationTelemetryHandler`.
+    """
+
+    run_inline = True  # cheap, lock-protected work: no need for a thread hop in async runs
+
+
+class AsyncQuantizationTelemetryHandler(_TelemetryHooks, AsyncCallbackHandler):
     """The async twin of :class:`QuantizationTelemetryHandler` (same recorder API, awaitable hooks)."""
 
-    def __init__(
-        self,
-        recorder: Optional[TelemetryRecorder] = None,
-        max_history: int = 1000,
-        registry: Any = None,
-        prometheus: Optional[bool] = None,
-    ) -> None:
-        super().__init__()
-        self.recorder = recorder or TelemetryRecorder(max_history=max_history, registry=registry, prometheus=prometheus)
-
-    async def on_chat_model_start(self, serialized: dict[str, Any], messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self.recorder.start(run_id, _model_name(serialized, kwargs))
-
-    async def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
-        self.recorder.start(run_id, _model_name(serialized, kwargs))
-
-    async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        self.recorder.end(run_id, response)
-
-    async def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self.recorder.error(run_id, error)
-
-    async def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if name == REQUANTIZE_EVENT and isinstance(data, dict):
-            self.recorder.switch(data, run_id)
-
+    on_chat_model_start = _awaitable(_TelemetryHooks.on_chat_model_start)  # type: ignore[assignment]
+    on_llm_start = _awaitable(_TelemetryHooks.on_llm_start)  # type: ignore[assignment]
+    on_llm_end = _awaitable(_TelemetryHooks.on_llm_end)  # type: ignore[assignment]
+    on_llm_error = _awaitable(_TelemetryHooks.on_llm_error)  # type: ignore[assignment]
+    on_custom_event = _awaitable(_TelemetryHooks.on_custom_event)  # type: ignore[assignment]

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence, cast
 
+from langchain_adaptquant.argtypes import priority
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
-from langchain_adaptquant.levels import TaskPriority
 
 
 def _params(value: str) -> float:
@@ -27,13 +27,6 @@ def _params(value: str) -> float:
     if not math.isfinite(number) or number <= 0:
         raise argparse.ArgumentTypeError(f"invalid --params {value!r}: must be a finite number greater than 0")
     return number
-
-
-def _priority(value: str) -> str:
-    try:
-        return TaskPriority.parse(value).value
-    except InvalidValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _budget(value: str) -> float:
@@ -296,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calc = sub.add_parser("calculate", help="the level a model of this size would get now")
     calc.add_argument("--params", type=_params, required=True, help="parameters in billions, e.g. 7")
-    calc.add_argument("--priority", type=_priority, default="balanced", help="quality, balanced or speed")
+    calc.add_argument("--priority", type=priority, default="balanced", help="quality, balanced or speed")
     calc.add_argument("--memory-budget-gb", type=_budget, default=None, help="cap the memory the policy may use")
     calc.add_argument("--json", action="store_true", help="print JSON (the REST API's shape)")
     calc.set_defaults(func=cmd_calculate)
@@ -309,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the seed's re-optimization timeline, live on a real model (--replay: engine only)")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
-    demo.add_argument("--priority", type=_priority, default="balanced")
+    demo.add_argument("--priority", type=priority, default="balanced")
     demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=24, help="tokens per demo answer")
     demo.add_argument("--replay", action="store_true", help="replay the timeline through the decision engine only")
     demo.add_argument("--params", type=_params, default=7.0, help="--replay: model size in billions")
@@ -333,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="interactive chat on stdin/stdout, streaming, with the level per answer")
     chat.add_argument("--model", default=None, help=_MODEL_HELP)
-    chat.add_argument("--priority", type=_priority, default="balanced")
+    chat.add_argument("--priority", type=priority, default="balanced")
     chat.add_argument("--max-tokens", type=_positive("max-tokens"), default=128)
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--history", type=_positive("history"), default=8, help="messages of context to keep")

@@ -23,6 +23,7 @@ from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, Switch
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.replay import SEED_TIMELINE
 from langchain_adaptquant.resources import ScriptedProbe
+from langchain_adaptquant.units import MIB as MB
 from langchain_adaptquant.weights import resolve_model_folder
 
 #: Questions the reference model was trained around (the standard library's documentation).
@@ -49,7 +50,6 @@ def prompts_for(folder: Path) -> tuple[str, ...]:
 
     return PROMPTS if folder.resolve() == reference_model_path().resolve() else CHAT_PROMPTS
 
-MB = 2**20
 
 
 class VirtualClock:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Union
+from typing import Literal, Optional, Union
 
 from langchain_adaptquant.errors import InvalidValueError, choices
 
@@ -104,3 +104,18 @@ LEVELS_BY_PRECISION: tuple[QuantizationLevel, ...] = (
     QuantizationLevel.INT4,
     QuantizationLevel.INT2,
 )
+
+
+#: Which way a level change goes; ``load`` when there was no level before.
+SwitchDirection = Literal["load", "downgrade", "upgrade", "keep"]
+
+
+def switch_direction(before: Optional[QuantizationLevel], after: QuantizationLevel) -> SwitchDirection:
+    """The direction of a change from ``before`` to ``after``: the one place that compares them for it."""
+    if before is None:
+        return "load"
+    if after.rank < before.rank:
+        return "downgrade"
+    if after.rank > before.rank:
+        return "upgrade"
+    return "keep"

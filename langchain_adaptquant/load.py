@@ -13,7 +13,7 @@ import time
 from collections import deque
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
 
 from langchain_adaptquant.errors import InvalidValueError
 
@@ -46,8 +46,11 @@ class LoadStats:
         }
 
 
-def _percentile(sorted_values: list[float], fraction: float) -> Optional[float]:
-    """Nearest-rank percentile; None when nothing was measured yet."""
+def nearest_rank(sorted_values: Sequence[float], fraction: float) -> Optional[float]:
+    """Nearest-rank percentile (an observed value, no interpolation); None when nothing was measured yet.
+
+    The one percentile rule of the package: the tracker, the telemetry and the benchmarks report alike.
+    """
     if not sorted_values:
         return None
     index = max(0, math.ceil(fraction * len(sorted_values)) - 1)
@@ -150,9 +153,9 @@ class LoadTracker:
                 errors=self._errors,
                 cancelled=self._cancelled,
                 rate_per_s=mass * self._decay,
-                latency_p50_s=_percentile(latencies, 0.50),
-                latency_p95_s=_percentile(latencies, 0.95),
-                latency_p99_s=_percentile(latencies, 0.99),
+                latency_p50_s=nearest_rank(latencies, 0.50),
+                latency_p95_s=nearest_rank(latencies, 0.95),
+                latency_p99_s=nearest_rank(latencies, 0.99),
             )
 
 

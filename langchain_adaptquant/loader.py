@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from langchain_adaptquant.accounting import stored_bytes
-from langchain_adaptquant.backends.base import UnsupportedLevelError, compute_dtype
+from langchain_adaptquant.backends.base import UnsupportedLevelError, compute_dtype, linear_with
 from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback, recipe
 from langchain_adaptquant.errors import (
     AdaptQuantError,
@@ -45,7 +45,7 @@ from langchain_adaptquant.errors import (
 )
 from langchain_adaptquant.layer_cache import LayerCache
 from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision, plan_levels
-from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
+from langchain_adaptquant.levels import QuantizationLevel, SwitchDirection, TaskPriority, switch_direction
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.quality import PROFILE_TOKENS, QualityProfile, heldout_text, text_ids, weights_fingerprint
 from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
@@ -185,9 +185,9 @@ class SwitchRecord:
     layers_from_cache: int = 0
 
     @property
-    def direction(self) -> str:
-        before, after = QuantizationLevel.parse(self.from_level), QuantizationLevel.parse(self.to_level)
-        return "downgrade" if after.rank < before.rank else "upgrade"
+    def direction(self) -> SwitchDirection:
+        """'downgrade' or 'upgrade' (a record is only made when the level changes)."""
+        return switch_direction(QuantizationLevel.parse(self.from_level), QuantizationLevel.parse(self.to_level))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -888,10 +888,7 @@ class AdaptiveModelLoader:
         bias_name = f"{layer}.bias"
         bias = source.tensor(bias_name) if bias_name in source else None
         dtype = compute_dtype(self.device)
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=dtype)
-        linear.weight = nn.Parameter(weight.to(device=self.device, dtype=dtype), requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.to(device=self.device, dtype=dtype), requires_grad=False)
+        linear = linear_with(weight, bias, self.device, dtype)
         if backend_name is not None:
             module, backend = get_backend(backend_name).quantize_linear(linear, level, self.device), backend_name
         else:

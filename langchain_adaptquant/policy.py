@@ -30,9 +30,15 @@ from typing import Mapping, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from langchain_adaptquant.errors import InsufficientMemoryError
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel, TaskPriority
+from langchain_adaptquant.levels import (
+    LEVELS_BY_PRECISION,
+    QuantizationLevel,
+    SwitchDirection,
+    TaskPriority,
+    switch_direction,
+)
+from langchain_adaptquant.units import GIB
 
-GIB = 1024**3
 FP16, INT8, INT4, INT2 = (
     QuantizationLevel.FP16,
     QuantizationLevel.INT8,
@@ -196,15 +202,8 @@ class Decision:
     estimated_bytes: int
 
     @property
-    def direction(self) -> str:
-        current = self.inputs.current_level
-        if current is None:
-            return "load"
-        if self.level.rank < current.rank:
-            return "downgrade"
-        if self.level.rank > current.rank:
-            return "upgrade"
-        return "keep"
+    def direction(self) -> SwitchDirection:
+        return switch_direction(self.inputs.current_level, self.level)
 
 
 def _describe(inputs: PolicyInputs, percent: float, config: PolicyConfig) -> str:

@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
+from langchain_adaptquant.levels import QuantizationLevel, TaskPriority, switch_direction
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.resources import GIB, ScriptedProbe
 
@@ -72,8 +72,8 @@ def replay(
             else:
                 verdict = manager.should_reoptimize(level, model_size_params, task_priority, "replay", now=now)
                 if verdict.switch:
-                    direction = "downgraded" if verdict.target_level.rank < level.rank else "upgraded"
-                    level, action = verdict.target_level, f"{direction}"
+                    direction = switch_direction(level, verdict.target_level)  # a switch: down or up
+                    level, action = verdict.target_level, f"{direction}d"
                     manager.record_switch("replay", level, now=now)
                 else:
                     action = "kept"

@@ -23,8 +23,8 @@ from typing import Callable, Optional, Protocol
 import psutil
 
 from langchain_adaptquant.errors import InvalidValueError
+from langchain_adaptquant.units import GIB
 
-GIB = 1024**3
 DEVICES = ("cpu", "cuda", "mps")
 
 
@@ -124,10 +124,17 @@ def detect_device() -> str:
     return "cpu"
 
 
-def validate_device(value: str) -> str:
-    if not isinstance(value, str) or value.split(":")[0] not in DEVICES:
+def validate_device(value: object) -> str:
+    """'cuda:1' -> 'cuda': the device type, from a string or a ``torch.device``.
+
+    The one check of a device argument (the backends use it as ``device_type``); anything we do not
+    serve on, or an index that is not a number, is a clear error. No torch import: probes stay light.
+    """
+    text = value if isinstance(value, str) else str(value) if type(value).__name__ == "device" else None
+    kind, colon, index = (text or "").partition(":")
+    if text is None or kind not in DEVICES or (colon and not index.isdigit()):
         raise InvalidValueError("device", value, "'cpu', 'cuda', 'cuda:N' or 'mps'")
-    return value.split(":")[0]
+    return kind
 
 
 @dataclass(frozen=True)

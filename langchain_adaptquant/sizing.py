@@ -32,8 +32,7 @@ from typing import Any, Mapping, Optional
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.layer_plan import UNIFORM, MixedPrecision, count_blocks, one_level_up
 from langchain_adaptquant.levels import QuantizationLevel
-
-GIB = 1024**3
+from langchain_adaptquant.units import GIB
 
 #: Share of parameters that stay 16-bit when only a parameter count is known. A Llama-2-7B has
 #: 2 x 32000 x 4096 embedding/head weights of 6.74B (3.9%); smaller models have a larger share.

@@ -13,11 +13,12 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError, choices
+from langchain_adaptquant.errors import AdaptQuantError, choices
 from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.resources import DEVICES, validate_device
 
-#: Device types the package knows how to serve on.
-DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps")
+#: Device types the package knows how to serve on (defined with the probes that read their memory).
+DEVICE_TYPES: tuple[str, ...] = DEVICES
 
 LevelLike = Union[QuantizationLevel, str]
 DeviceLike = Union[str, torch.device]
@@ -56,20 +57,27 @@ class UnsupportedLevelError(AdaptQuantError):
 
 
 def device_type(device: DeviceLike) -> str:
-    """'cuda:1' -> 'cuda'. Anything torch cannot parse or we do not serve on is a clear error."""
-    allowed = "'cpu', 'cuda', 'cuda:N' or 'mps'"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError, ValueError):
-        raise InvalidValueError("device", device, allowed) from None
-    if kind not in DEVICE_TYPES:
-        raise InvalidValueError("device", device, allowed)
-    return kind
+    """'cuda:1' -> 'cuda'. Anything we do not serve on is a clear error (see ``validate_device``)."""
+    return validate_device(device)
 
 
 def compute_dtype(device: DeviceLike) -> torch.dtype:
     """The 16-bit dtype activations use: bfloat16 on CPU (fast there), float16 on GPUs."""
     return getattr(torch, QuantizationLevel.FP16.precision(device_type(device)))
+
+
+def linear_with(weight: torch.Tensor, bias: Optional[torch.Tensor], device: DeviceLike,
+                dtype: torch.dtype) -> nn.Linear:
+    """A frozen Linear holding ``weight`` and ``bias`` cast to ``dtype`` on ``device``.
+
+    Built on the meta device and then given the tensors, so no throwaway random weight is allocated
+    (a quantizer works on this copy and the caller's layer stays intact if it fails).
+    """
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=dtype)
+    linear.weight = nn.Parameter(weight.detach().to(device=device, dtype=dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+    return linear
 
 
 def describe_linear(linear: nn.Module) -> str:

@@ -14,6 +14,7 @@ from langchain_adaptquant.backends.base import (
     QuantizationBackend,
     compute_dtype,
     device_type,
+    linear_with,
 )
 from langchain_adaptquant.levels import QuantizationLevel
 
@@ -32,11 +33,7 @@ class CastBackend(QuantizationBackend):
         weight = linear.weight
         if weight.dtype == dtype and weight.device == _as_device(device):
             return linear  # the fresh layer already is the answer: no copy
-        out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        out.weight = nn.Parameter(weight.detach().to(device=device, dtype=dtype), requires_grad=False)
-        if linear.bias is not None:
-            out.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
-        return out
+        return linear_with(weight, linear.bias, device, dtype)
 
 
 def _as_device(device: DeviceLike) -> torch.device:

@@ -31,6 +31,7 @@ from langchain_adaptquant.backends.base import (
     QuantizationBackend,
     compute_dtype,
     device_type,
+    linear_with,
 )
 from langchain_adaptquant.levels import QuantizationLevel
 
@@ -80,10 +81,7 @@ class QuantoBackend(QuantizationBackend):
         dtype = compute_dtype(device)
         source = linear
         if linear.weight.dtype != dtype or linear.weight.device.type != device_type(device):
-            source = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-            source.weight = nn.Parameter(linear.weight.detach().to(device=device, dtype=dtype), requires_grad=False)
-            if linear.bias is not None:
-                source.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+            source = linear_with(linear.weight, linear.bias, device, dtype)
         # quantize_module builds a new QLinear sharing the weight; freeze swaps in the quantized
         # tensor there, so the caller's Linear is left as it was.
         module = quantize_module(source, weights=getattr(quanto, _QTYPE_NAMES[level]))

@@ -20,6 +20,7 @@ from langchain_adaptquant.backends.base import (
     QuantizationBackend,
     compute_dtype,
     device_type,
+    linear_with,
 )
 from langchain_adaptquant.errors import InvalidValueError, choices
 from langchain_adaptquant.levels import QuantizationLevel
@@ -115,10 +116,7 @@ class TorchAOBackend(QuantizationBackend):
         dtype = compute_dtype(device)
         # quantize_ replaces the weight in place; do it on a new Linear sharing the tensors, so the
         # caller's layer stays intact if torchao fails and the registry falls back.
-        work = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        work.weight = nn.Parameter(linear.weight.detach().to(device=device, dtype=dtype), requires_grad=False)
-        if linear.bias is not None:
-            work.bias = nn.Parameter(linear.bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+        work = linear_with(linear.weight, linear.bias, device, dtype)
         quantize_(work, self._config(linear, level, device))
         if not hasattr(work.weight, "__tensor_flatten__"):  # still a plain tensor
             raise BackendError(f"torchao left the weight of {tuple(linear.weight.shape)} unquantized")

@@ -12,8 +12,8 @@ import math
 import sys
 from typing import Any, Callable, Optional
 
+from langchain_adaptquant.argtypes import priority
 from langchain_adaptquant.errors import AdaptQuantError
-from langchain_adaptquant.levels import TaskPriority
 
 __all__ = ["add_simplify_command", "run_simplify"]
 
@@ -46,13 +46,6 @@ def _attempts(value: str) -> int:
     if not value.strip().isdigit() or not 1 <= int(value) <= 10:
         raise argparse.ArgumentTypeError(f"invalid --attempts {value!r}: a whole number from 1 to 10")
     return int(value)
-
-
-def _priority(value: str) -> str:
-    try:
-        return TaskPriority.parse(value).value
-    except AdaptQuantError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _default_llm(args: argparse.Namespace) -> Any:
@@ -124,7 +117,7 @@ def add_simplify_command(subparsers: Any, llm_factory: Optional[LLMFactory] = No
     parser.add_argument("--tolerance", type=_tolerance, default=1.0, help="grades above target still on target")
     parser.add_argument("--attempts", type=_attempts, default=3, help="attempts per chunk, 1-10; default 3")
     parser.add_argument(
-        "--priority", type=_priority, default=None, help="quality, balanced or speed (default: by text length)"
+        "--priority", type=priority, default=None, help="quality, balanced or speed (default: by text length)"
     )
     parser.add_argument("--chunk-chars", type=int, default=None, help="characters per chunk for long texts")
     parser.add_argument("--model", default=None, help="local model folder or Hugging Face cache name")

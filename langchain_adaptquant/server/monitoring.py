@@ -25,8 +25,8 @@ from langchain_adaptquant.server.schemas import (
     MemoryResponse,
     StatusResponse,
 )
+from langchain_adaptquant.units import MIB as MB
 
-MB = 2**20
 RECENT_SWITCHES = 50
 
 router = APIRouter()

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from langchain_adaptquant.levels import TaskPriority
+from langchain_adaptquant.manager import QuantizationConfig
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -41,17 +42,8 @@ class CalculateRequest(BaseModel):
         return _priority(value)
 
 
-class CalculateResponse(BaseModel):
-    """The seed's shape (level, precision, compression_ratio, estimated_memory_gb, config) plus the reason."""
-
-    level: str
-    precision: str
-    compression_ratio: str
-    estimated_memory_gb: float
-    config: dict[str, Any]
-    reason: str
-    bits: int
-    device: str
+class CalculateResponse(QuantizationConfig):
+    """The manager's answer as it is: the body is defined once, by ``manager.QuantizationConfig``."""
 
 
 class ErrorBody(BaseModel):

@@ -23,8 +23,8 @@ from langchain_adaptquant.backends.registry import (
 )
 from langchain_adaptquant.errors import SwitchError
 from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.units import GIB
 
-GIB = 1024**3
 FAST = PolicyConfig(upgrade_cooldown_s=0.3, load_downgrade_delay_s=0.3)
 
 

@@ -21,10 +21,10 @@ from langchain_adaptquant.policy import (
     matrix_level,
 )
 from langchain_adaptquant.sizing import size_from_params
+from langchain_adaptquant.units import GIB
 
 FP16, INT8, INT4, INT2 = LEVELS_BY_PRECISION
 Q, B, S = TaskPriority.QUALITY, TaskPriority.BALANCED, TaskPriority.SPEED
-GIB = 1024**3
 CONFIG = PolicyConfig()
 
 

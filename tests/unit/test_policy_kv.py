@@ -3,9 +3,9 @@
 from langchain_adaptquant import TaskPriority
 from langchain_adaptquant.levels import LEVELS_BY_PRECISION
 from langchain_adaptquant.policy import PolicyConfig, PolicyInputs, apply_hysteresis, decide, HysteresisState
+from langchain_adaptquant.units import GIB
 
 FP16, INT8, INT4, INT2 = LEVELS_BY_PRECISION
-GIB = 1024**3
 SIZES = {FP16: 2 * GIB, INT8: GIB, INT4: GIB // 2, INT2: GIB // 4}
 
 

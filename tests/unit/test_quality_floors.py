@@ -6,9 +6,9 @@ from pydantic import ValidationError
 from langchain_adaptquant.levels import LEVELS_BY_PRECISION, TaskPriority
 from langchain_adaptquant.policy import PolicyConfig, PolicyInputs, decide
 from langchain_adaptquant.quality import PROBE_PROMPTS, TextScore, answer_matches, is_degenerate
+from langchain_adaptquant.units import GIB
 
 FP16, INT8, INT4, INT2 = LEVELS_BY_PRECISION
-GIB = 1024**3
 MB = 2**20
 #: A small model (17 MB at 16-bit) on a 64 GiB machine: its own bytes barely move the projection.
 BYTES = {FP16: 17 * MB, INT8: 12 * MB, INT4: 10 * MB, INT2: 9 * MB}
