@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -77,15 +78,15 @@ class ReoptimizeDecision(BaseModel):
 
 
 def backend_config(level: QuantizationLevel, device: str) -> dict[str, Any]:
-    """The transformers-style quantization arguments equivalent to ``level`` on ``device``."""
-    compute = "bfloat16" if device == "cpu" else "float16"
-    if level is QuantizationLevel.FP16:
-        return {"torch_dtype": compute}
-    if level is QuantizationLevel.INT8:
-        return {"load_in_8bit": True}
-    if level is QuantizationLevel.INT4:
-        return {"load_in_4bit": True, "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_type": "nf4"}
-    return {"backend": "quanto", "weights": "int2", "compute_dtype": compute}
+    """The settings of the backend that would store ``level`` on ``device``: the registry's first
+    choice there (the one the loader tries first), in that library's terms. Empty when no installed
+    backend stores the level on the device."""
+    try:
+        from langchain_adaptquant.backends.registry import backend_preference
+    except ImportError:
+        return {}
+    backends = backend_preference(level, device)
+    return backends[0].settings(level, device) if backends else {}
 
 
 def _default_available_levels(device: str) -> list[QuantizationLevel]:
@@ -132,22 +133,34 @@ class DynamicQuantizationManager:
         self.default_model_size = size_of(default_model_size_params)
         self._states: dict[str, HysteresisState] = {}
         self._states_lock = threading.Lock()
-        self._sizes: dict[Any, ModelSize] = {}
+        self._sizes: dict[float, ModelSize] = {}
+        # Objects are keyed by a weak reference (never by id(): a freed object's id is reused), where the
+        # object allows one and is hashable (a model). Mappings and transformers configs (which compare
+        # by value and do not hash) are sized afresh each call; pass a ModelSize to repeat cheaply.
+        self._object_sizes: weakref.WeakKeyDictionary[Any, ModelSize] = weakref.WeakKeyDictionary()
 
     # -- inputs ---------------------------------------------------------------------------------
     def snapshot(self) -> MemorySnapshot:
         return self.probe()
 
     def model_size(self, model_size_params: Any = None) -> ModelSize:
-        """Parameter split for a size argument (cached per number); None means the default size."""
+        """Parameter split for a size argument (cached per number and per live module); None means
+        the default size."""
         if model_size_params is None:
             return self.default_model_size
         if isinstance(model_size_params, ModelSize):
             return model_size_params
-        key = model_size_params if isinstance(model_size_params, (int, float)) else id(model_size_params)
-        size = self._sizes.get(key)
+        if isinstance(model_size_params, (int, float)) and not isinstance(model_size_params, bool):
+            size = self._sizes.get(model_size_params)
+            if size is None:
+                size = self._sizes[model_size_params] = size_of(model_size_params)
+            return size
+        try:
+            size = self._object_sizes.get(model_size_params)
+        except TypeError:  # unhashable, or no weak references to it
+            return size_of(model_size_params)
         if size is None:
-            size = self._sizes[key] = size_of(model_size_params)
+            size = self._object_sizes[model_size_params] = size_of(model_size_params)
         return size
 
     def _inputs(

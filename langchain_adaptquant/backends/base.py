@@ -8,7 +8,7 @@ missing library makes :meth:`QuantizationBackend.available` false instead of bre
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -80,6 +80,10 @@ def linear_with(weight: torch.Tensor, bias: Optional[torch.Tensor], device: Devi
     return linear
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def describe_linear(linear: nn.Module) -> str:
     """'Linear(in=768, out=1000, bias=True)' for error messages."""
     return (
@@ -121,6 +125,11 @@ class QuantizationBackend(ABC):
     ) -> Optional[str]:
         """Why this layer's shape cannot be taken at ``level`` (None: it can). Kernels have limits."""
         return None
+
+    def settings(self, level: QuantizationLevel, device: DeviceLike = "cpu") -> dict[str, Any]:
+        """The arguments this backend stores ``level`` with on ``device``, as JSON (``/calculate``,
+        the CLI): the library's own names where it has a config, so a reader can reproduce it."""
+        return {"backend": self.name, "weights": level.value, "compute_dtype": _dtype_name(compute_dtype(device))}
 
     def warms_up(self, level: QuantizationLevel, device_kind: str) -> bool:
         """Whether each new module does one-off work on its first forward (bitsandbytes repacks NF4

@@ -10,7 +10,7 @@ MPS has new 4-bit ops in bitsandbytes 0.50 that we have not measured, so we do n
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -81,6 +81,14 @@ class BitsAndBytesBackend(QuantizationBackend):
             if linear.in_features % NF4_BLOCKSIZE:
                 return f"the AVX512-BF16 NF4 kernel needs in_features % {NF4_BLOCKSIZE} == 0"
         return None
+
+    def settings(self, level: QuantizationLevel, device: DeviceLike = "cpu") -> dict[str, Any]:
+        """transformers' ``BitsAndBytesConfig`` arguments for the modules built here."""
+        compute = QuantizationLevel.FP16.precision(device_type(device))
+        if level is QuantizationLevel.INT8:
+            return {"backend": self.name, "load_in_8bit": True, "llm_int8_threshold": INT8_OUTLIER_THRESHOLD}
+        return {"backend": self.name, "load_in_4bit": True, "bnb_4bit_compute_dtype": compute,
+                "bnb_4bit_quant_type": "nf4"}
 
     def _quantize(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> nn.Module:
         import bitsandbytes as bnb

@@ -5,6 +5,8 @@ Needs no optional library, so every device always has at least this level.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,6 +29,10 @@ class CastBackend(QuantizationBackend):
     def supports(self, level: LevelLike, device: DeviceLike = "cpu") -> bool:
         device_type(device)
         return QuantizationLevel.parse(level) is QuantizationLevel.FP16
+
+    def settings(self, level: QuantizationLevel, device: DeviceLike = "cpu") -> dict[str, Any]:
+        """16-bit is a dtype, as ``from_pretrained(torch_dtype=...)`` takes it."""
+        return {"torch_dtype": level.precision(device_type(device))}
 
     def _quantize(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> nn.Module:
         dtype = compute_dtype(device)

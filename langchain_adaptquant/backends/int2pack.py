@@ -28,7 +28,7 @@ size, group size 32/64/128/256, bf16 activations, CPU only. Other layers fall to
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -148,6 +148,9 @@ class Int2PackBackend(QuantizationBackend):
                                                torch.bfloat16)
         bias = linear.bias.detach().to(torch.bfloat16).clone() if linear.bias is not None else None
         return Int2PackedLinear(linear.in_features, linear.out_features, self.group_size, stored, table, bias)
+
+    def settings(self, level: QuantizationLevel, device: DeviceLike = "cpu") -> dict[str, Any]:
+        return {"backend": self.name, "weights": "int2", "group_size": self.group_size, "algorithm": self.algorithm}
 
     def __repr__(self) -> str:
         return f"<Int2PackBackend group_size={self.group_size} algorithm={self.algorithm!r}>"

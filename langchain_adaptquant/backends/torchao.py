@@ -88,6 +88,19 @@ class TorchAOBackend(QuantizationBackend):
             return f"int4 packing needs out_features % {INT4_OUT_MULTIPLE} == 0"
         return None
 
+    def settings(self, level: QuantizationLevel, device: DeviceLike = "cpu") -> dict[str, Any]:
+        """The torchao config class ``quantize_`` gets and its arguments (the group size is per layer:
+        the largest of ``int4_group_sizes`` that divides its input features)."""
+        if level is QuantizationLevel.INT8:
+            return {"backend": self.name, "config": "Int8WeightOnlyConfig"}
+        cpu = device_type(device) == "cpu"
+        return {
+            "backend": self.name,
+            "config": "PrototypeInt4WeightOnlyConfig" if cpu else "Int4WeightOnlyConfig",
+            "group_sizes": list(self.int4_group_sizes),
+            "int4_choose_qparams_algorithm": self.int4_algorithm,
+        }
+
     def __repr__(self) -> str:
         return f"<TorchAOBackend int4_group_sizes={self.int4_group_sizes} int4_algorithm={self.int4_algorithm!r}>"
 

@@ -11,6 +11,8 @@ from langchain_adaptquant import (
     QuantizationLevel,
     ScriptedProbe,
 )
+from langchain_adaptquant.backends.registry import replaced_backend
+from langchain_adaptquant.backends.torchao import TorchAOBackend
 from langchain_adaptquant.replay import SEED_TIMELINE, replay
 
 ALL = list(QuantizationLevel)
@@ -40,9 +42,28 @@ def test_calculate_returns_the_seed_shape():
     assert result.level is QuantizationLevel.INT4
     data = result.to_dict()
     assert data["level"] == "int4" and data["precision"] == "int4" and data["compression_ratio"] == "8.0x"
-    assert data["config"] == {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_type": "nf4"}
+    # the settings of the backend the registry picks for INT4 on this CPU (torchao first), not bitsandbytes'
+    assert data["config"] == {"backend": "torchao", "config": "PrototypeInt4WeightOnlyConfig",
+                              "group_sizes": [32, 64, 128], "int4_choose_qparams_algorithm": "tinygemm"}
     assert data["estimated_memory_gb"] == pytest.approx(m.model_size(1.0).estimated_gb("int4"), abs=1e-3)
     assert "3 request(s)" in data["reason"]
+
+
+class _MissingTorchAO(TorchAOBackend):
+    """torchao as if its library were not installed here."""
+
+    def available(self) -> bool:
+        return False
+
+
+def test_calculate_config_follows_the_backend_the_registry_picks():
+    m = manager(ScriptedProbe(total_gb=16, used_percent=50))
+    with m.tracker.track(), m.tracker.track(), m.tracker.track():
+        assert m.calculate_optimal_quantization(1.0, "balanced").config["backend"] == "torchao"
+        with replaced_backend(_MissingTorchAO()):  # INT4 on CPU then goes to the next backend: quanto
+            result = m.calculate_optimal_quantization(1.0, "balanced")
+    assert result.level is QuantizationLevel.INT4
+    assert result.config == {"backend": "quanto", "weights": "int4", "compute_dtype": "bfloat16"}
 
 
 def test_cuda_decisions_use_device_memory_and_float16():
@@ -126,3 +147,17 @@ def test_real_probe_decides_on_this_machine():
     assert m.snapshot() is m.snapshot()  # a burst of calls costs one probe
     time.sleep(0.06)
     assert m.probe.probes >= 1
+
+
+def test_model_size_of_a_freed_model_is_never_reused_for_a_new_one():
+    import gc
+
+    from torch import nn
+
+    m = manager(ScriptedProbe(total_gb=16, used_percent=10))
+    for width in (8, 16, 32, 64):
+        model = nn.Sequential(nn.Linear(width, width))  # a new model often gets the freed one's id()
+        assert m.model_size(model).total_params == width * width + width
+        assert m.model_size(model) is m.model_size(model)  # a live model is sized once
+        del model
+        gc.collect()
