@@ -125,6 +125,25 @@ class ChatAdaptQuant(BaseChatModel):
     _remote: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
+    def _check_wiring(self) -> "ChatAdaptQuant":
+        """A ``loader`` brings its manager and a ``manager`` its memory budget; a second value for
+        either would be silently ignored, so a conflicting one is refused here."""
+        if self.loader is not None and self.manager is not None and self.manager is not self.loader.manager:
+            raise InvalidValueError(
+                "manager", type(self.manager).__name__,
+                "None with loader= (the loader's own manager decides), or that very manager (loader.manager)",
+            )
+        owner = self.loader.manager if self.loader is not None else self.manager
+        if owner is not None and self.memory_budget_gb is not None and self.memory_budget_gb != owner.memory_budget_gb:
+            given = "loader" if self.loader is not None else "manager"
+            raise InvalidValueError(
+                "memory_budget_gb", self.memory_budget_gb,
+                f"None with {given}= (its manager has memory_budget_gb={owner.memory_budget_gb!r}; "
+                "set the budget there: DynamicQuantizationManager(memory_budget_gb=...))",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_remote(self) -> "ChatAdaptQuant":
         if self.base_url is not None:
             from langchain_adaptquant import remote
