@@ -58,14 +58,9 @@ def level_number(level: Optional[str]) -> Optional[int]:
 
 
 def _percent(value: Any) -> Optional[float]:
-    """'57.5%' (the seed's JSON shape) or a number -> 57.5."""
+    """The snapshot's ``used_percent`` (a number); None when the metadata carries none."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip().rstrip("%"))
-        except ValueError:
-            return None
     return None
 
 

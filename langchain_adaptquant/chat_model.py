@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from operator import itemgetter
-from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union, cast
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, TypedDict, Union, cast
 
 import torch
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -51,6 +51,44 @@ logger = logging.getLogger(__name__)
 
 _SHARED_LOADERS: dict[Optional[float], AdaptiveModelLoader] = {}
 _SHARED_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class CallOptions:
+    """One call's settings, validated by ``ChatAdaptQuant._call_options`` before anything is loaded."""
+
+    model: str
+    priority: TaskPriority
+    force: Optional[QuantizationLevel]
+    tools: Optional[list[dict[str, Any]]]
+    tool_choice: Any  # a tool name, "auto"/"any"/"none"/"required", True or an OpenAI dict
+    response_format: Optional[dict[str, Any]]
+    max_tokens: int
+    stop: tuple[str, ...]
+    sampling: Sampling
+    logits_processor: Optional[Callable[..., Any]]
+
+
+class ResponseMetadata(TypedDict):
+    """``AIMessage.response_metadata`` of a local answer: what served it and why (see the guide)."""
+
+    model_name: str
+    model_provider: str
+    quantization_level: str  # the level the answer started at (its decision's)
+    precision: str
+    source_format: str
+    backend: str  # the backend holding most layers
+    backends: dict[str, int]  # layers per backend
+    memory: dict[str, Any]  # MemorySnapshot.to_dict()
+    model_size_mb: float
+    decision_reason: str
+    quality: dict[str, Any]  # measured top-1 agreement of this level with 16-bit, or "not measured"
+    switches: list[dict[str, Any]]  # SwitchRecord.to_dict() of the switches this call made
+    levels_used: list[str]  # the levels this answer's tokens came from, in order
+    level_runs: list[list[Any]]  # [level, tokens produced at it]
+    switched_during_generation: bool
+    generation_seconds: float
+    finish_reason: str
 
 
 def shared_loader(memory_budget_gb: Optional[float] = None) -> AdaptiveModelLoader:
@@ -219,18 +257,18 @@ class ChatAdaptQuant(BaseChatModel):
             return self._own_loader
         return shared_loader(self.memory_budget_gb)
 
-    def _prepare(self, options: dict[str, Any]) -> tuple[LoadedModel, "_CallRecord"]:
+    def _prepare(self, options: CallOptions) -> tuple[LoadedModel, "_CallRecord"]:
         """Load (or find) the model and let the policy switch it; returns what this call decided and did."""
         call = _CallRecord()
         loaded = self._loader().load_model(
-            options["model"], task_priority=options["priority"], force_quantization=options["force"],
+            options.model, task_priority=options.priority, force_quantization=options.force,
             on_switch=call.switches.append, on_decision=call.set_reason,
         )
         if self.prepare_levels:
             self._loader().prepare_levels_in_background(loaded, self.prepare_levels)
         return loaded, call
 
-    def _call_options(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _call_options(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> CallOptions:
         """Per-call settings, validated before anything is loaded or counted."""
         options = dict(kwargs)
         model = options.pop("model", None) or self.model
@@ -260,26 +298,26 @@ class ChatAdaptQuant(BaseChatModel):
             raise InvalidValueError("logits_processor", logits_processor,
                                     "None or a callable (input_ids [1, t], scores [1, vocab]) -> scores")
         sampling = Sampling.from_options({"temperature": temperature, "top_p": top_p, **extra})
-        return {
-            "model": model,
-            "priority": priority,
-            "force": force,
-            "tools": tools,
-            "tool_choice": tool_choice,
-            "response_format": response_format,
-            "max_tokens": max_tokens,
-            "stop": tuple(stops),
-            "sampling": sampling,
-            "logits_processor": logits_processor,
-        }
+        return CallOptions(
+            model=model,
+            priority=priority,
+            force=force,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            max_tokens=max_tokens,
+            stop=tuple(stops),
+            sampling=sampling,
+            logits_processor=logits_processor,
+        )
 
-    def _prompt(self, loaded: LoadedModel, messages: list[BaseMessage], options: dict[str, Any]) -> tuple[torch.Tensor, str]:
+    def _prompt(self, loaded: LoadedModel, messages: list[BaseMessage], options: CallOptions) -> tuple[torch.Tensor, str]:
         """Token ids of the rendered conversation, and any text pre-filled for the model (forced tool call)."""
         tokenizer = loaded.tokenizer
         if tokenizer is None:
             raise InvalidValueError("model", loaded.name, "a model folder that includes a tokenizer")
         chat = chat_format.to_chat_dicts(messages)
-        tools, choice = options["tools"], options["tool_choice"]
+        tools, choice = options.tools, options.tool_choice
         template_tools = None
         system_notes: list[str] = []
         prefill = ""
@@ -294,7 +332,7 @@ class ChatAdaptQuant(BaseChatModel):
             forced = chat_format.forced_tool_name(choice, tools)
             if forced:
                 prefill = '<tool_call>\n{"name": "' + forced + '", "arguments": '
-        response_format = options["response_format"]
+        response_format = options.response_format
         if response_format:
             system_notes.append(_json_instruction(response_format))
             if not self._constrains(options):  # a grammar opens the object itself
@@ -314,17 +352,17 @@ class ChatAdaptQuant(BaseChatModel):
             )
         return ids, prefill
 
-    def _constrains(self, options: dict[str, Any]) -> bool:
+    def _constrains(self, options: CallOptions) -> bool:
         """Whether this call decodes under a grammar: tools or a JSON answer, and llguidance installed."""
-        wants = bool(options["tools"] and options["tool_choice"] != "none") or bool(options["response_format"])
+        wants = bool(options.tools and options.tool_choice != "none") or bool(options.response_format)
         return wants and self.constrained_decoding and constrained.available()
 
-    def _grammar(self, options: dict[str, Any], prefill: str, tokenizer: Any) -> Optional[constrained.Grammar]:
+    def _grammar(self, options: CallOptions, prefill: str, tokenizer: Any) -> Optional[constrained.Grammar]:
         """The grammar the answer must follow: one tool call when one is forced, an optional one under
         ``auto``, a JSON value for structured output; None when the model writes freely."""
         if not self._constrains(options):
             return None
-        tools, choice = options["tools"], options["tool_choice"]
+        tools, choice = options.tools, options.tool_choice
         if tools and choice != "none":
             tags = constrained.CallTags.for_tokenizer(tokenizer)
             forced = chat_format.forced_tool_name(choice, tools)
@@ -333,36 +371,36 @@ class ChatAdaptQuant(BaseChatModel):
             if choice in ("any", "required", True):
                 return constrained.Grammar(constrained.tool_call_grammar(tools, tags=tags), "tool call")
             return constrained.Grammar(constrained.optional_tool_calls_grammar(tools, tags), "tool call")
-        response_format = options["response_format"]
+        response_format = options.response_format or {}  # set: _constrains said so
         schema = (response_format.get("json_schema") or {}).get("schema")
         return constrained.Grammar(constrained.json_grammar(schema), "json")
 
-    def _stops_and_processor(self, options: dict[str, Any], loaded: LoadedModel, ids: torch.Tensor,
+    def _stops_and_processor(self, options: CallOptions, loaded: LoadedModel, ids: torch.Tensor,
                              prefill: str) -> tuple[tuple[str, ...], Optional[Any]]:
         """This answer's stop strings (the caller's, then the model's own, e.g. a base model's next-turn
         marker) and its logits processor: a fresh grammar processor (it is stateful) when the answer is
         constrained, ahead of the caller's processor, if any."""
         model_stops = tuple(getattr(loaded.model.generation_config, "stop_strings", None) or ())
-        stops = options["stop"] + tuple(stop for stop in model_stops if stop not in options["stop"])
+        stops = options.stop + tuple(stop for stop in model_stops if stop not in options.stop)
         grammar = self._grammar(options, prefill, loaded.tokenizer)
         if grammar is None:
-            return stops, options["logits_processor"]
+            return stops, options.logits_processor
         from transformers import LogitsProcessorList
 
         processor = constrained.GrammarProcessor(
             grammar, loaded.tokenizer, sorted(generation.eos_ids(loaded.model, loaded.tokenizer)), ids.shape[1]
         )
-        user = options["logits_processor"]
+        user = options.logits_processor
         return stops, LogitsProcessorList([processor] + ([user] if user is not None else []))
 
-    def _message_parts(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
+    def _message_parts(self, loaded: LoadedModel, options: CallOptions, prefill: str,
                        result: GenerationResult) -> tuple[str, list, list, str]:
         text = prefill + result.text
         finish = result.finish_reason
-        if options["tools"] and options["tool_choice"] != "none":
+        if options.tools and options.tool_choice != "none":
             if prefill.startswith("<tool_call>") and "</tool_call>" not in text:
                 text += "}</tool_call>" if text.count("{") > text.count("}") else "</tool_call>"
-            names = {t["function"]["name"] for t in options["tools"]}
+            names = {t["function"]["name"] for t in options.tools}
             content, calls, invalid = chat_format.parse_tool_calls(text, names)
             if calls:
                 finish = "tool_calls"
@@ -370,7 +408,7 @@ class ChatAdaptQuant(BaseChatModel):
         return text, [], [], finish
 
     def _metadata(self, loaded: LoadedModel, result: GenerationResult, finish: str,
-                  call: "_CallRecord") -> dict[str, Any]:
+                  call: "_CallRecord") -> ResponseMetadata:
         snapshot = self._loader().manager.snapshot()
         levels = list(result.levels_used) or [loaded.level.value]
         level = QuantizationLevel.parse(levels[0])
@@ -407,12 +445,12 @@ class ChatAdaptQuant(BaseChatModel):
         )
 
     # -- generation: one path for invoke, stream, ainvoke and astream ----------------------------
-    def _begin(self, messages: list[BaseMessage], options: dict[str, Any]) -> "_Answer":
+    def _begin(self, messages: list[BaseMessage], options: CallOptions) -> "_Answer":
         """Load (and maybe switch) the model, render the prompt, build the request: no torch work."""
         loaded, call = self._prepare(options)
         ids, prefill = self._prompt(loaded, messages, options)
         context = getattr(loaded.model.config, "max_position_embeddings", None)
-        max_new = options["max_tokens"]
+        max_new = options.max_tokens
         if context and ids.shape[1] + max_new > context:  # cap the answer to fit the context window
             max_new = max(1, context - ids.shape[1])
         stops, processor = self._stops_and_processor(options, loaded, ids, prefill)
@@ -420,18 +458,18 @@ class ChatAdaptQuant(BaseChatModel):
             prompt_ids=tuple(ids[0].tolist()),
             max_new_tokens=max_new,
             stop=stops,
-            sampling=options["sampling"],
+            sampling=options.sampling,
             deadline=time.monotonic() + self.timeout if self.timeout else None,
             logits_processor=processor,
         )
         return _Answer(self._loader(), loaded, call, request, prefill, self.max_retries)
 
-    def _chunk(self, options: dict[str, Any], piece: str) -> Optional[ChatGenerationChunk]:
-        if options["tools"] or options["response_format"]:
+    def _chunk(self, options: CallOptions, piece: str) -> Optional[ChatGenerationChunk]:
+        if options.tools or options.response_format:
             return None  # tool calls and JSON are parsed whole, at the end
         return ChatGenerationChunk(message=AIMessageChunk(content=piece))
 
-    def _chunks(self, messages: list[BaseMessage], options: dict[str, Any],
+    def _chunks(self, messages: list[BaseMessage], options: CallOptions,
                 run_manager: Optional[CallbackManagerForLLMRun], stream: bool) -> Iterator[ChatGenerationChunk]:
         """One answer: a chunk per text piece when ``stream`` (also sent to the callbacks), then a final
         chunk with usage and metadata (and the whole text when it was not streamed)."""
@@ -461,7 +499,7 @@ class ChatAdaptQuant(BaseChatModel):
                 answer.close()  # a consumer that stopped early (or an error) ends the request
         yield self._final_chunk(answer.loaded, options, answer.prefill, result, answer.call, streamed=stream)
 
-    async def _achunks(self, messages: list[BaseMessage], options: dict[str, Any],
+    async def _achunks(self, messages: list[BaseMessage], options: CallOptions,
                        run_manager: Optional[AsyncCallbackManagerForLLMRun], stream: bool
                        ) -> AsyncIterator[ChatGenerationChunk]:
         """The async twin of :meth:`_chunks`: waits on the engine without a thread per request."""
@@ -557,10 +595,10 @@ class ChatAdaptQuant(BaseChatModel):
         async for chunk in self._achunks(messages, options, run_manager, stream=True):
             yield chunk
 
-    def _final_chunk(self, loaded: LoadedModel, options: dict[str, Any], prefill: str,
+    def _final_chunk(self, loaded: LoadedModel, options: CallOptions, prefill: str,
                      result: GenerationResult, call: "_CallRecord", streamed: bool = True) -> ChatGenerationChunk:
         content, calls, invalid, finish = self._message_parts(loaded, options, prefill, result)
-        buffered = bool(options["tools"] or options["response_format"]) or not streamed
+        buffered = bool(options.tools or options.response_format) or not streamed
         chunks = [
             tool_call_chunk(name=c["name"], args=_json_dumps(c["args"]), id=c["id"], index=i) for i, c in enumerate(calls)
         ]
@@ -568,7 +606,7 @@ class ChatAdaptQuant(BaseChatModel):
             content=content if buffered else "",
             tool_call_chunks=chunks,
             usage_metadata=self._usage(result),
-            response_metadata=self._metadata(loaded, result, finish, call),
+            response_metadata=dict(self._metadata(loaded, result, finish, call)),
             chunk_position="last",
         )
         if invalid:

@@ -90,7 +90,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         [
             ("device", status["device"]),
             ("active requests", status["active_requests"]),
-            ("memory", f"{memory['used_percent']} of {memory['total_gb']} GiB ({memory['limit_source']} limit)"),
+            ("memory", f"{memory['used_percent']}% of {memory['total_gb']} GiB ({memory['limit_source']} limit)"),
             ("available", f"{memory['available_gb']} GiB"),
             ("process", f"{memory['process_gb']} GiB RSS, {memory['process_anon_gb']} GiB anonymous"),
             ("available levels", ", ".join(status["available_levels"])),

@@ -69,7 +69,8 @@ class MemorySnapshot:
         return self.available_bytes
 
     def to_dict(self) -> dict:
-        """The seed's ``memory`` JSON shape plus the details behind it (GiB, rounded)."""
+        """The ``memory`` JSON shape plus the details behind it (GiB, rounded; ``used_percent`` a number
+        of percent, e.g. 57.5, so no consumer has to parse it back)."""
 
         def gb(value: Optional[int]) -> Optional[float]:
             return None if value is None else round(value / GIB, 3)
@@ -77,7 +78,7 @@ class MemorySnapshot:
         return {
             "total_gb": gb(self.total_bytes),
             "available_gb": gb(self.available_bytes),
-            "used_percent": f"{self.used_percent:.1f}%",
+            "used_percent": round(self.used_percent, 1),
             "process_gb": gb(self.process_rss_bytes),
             "process_anon_gb": gb(self.process_anon_bytes),
             "host_total_gb": gb(self.host_total_bytes),

@@ -74,7 +74,7 @@ def test_invoke_matches_the_local_model_and_carries_the_same_metadata(env):
     meta = answer.response_metadata
     assert meta["model_name"] == MODEL and meta["model_provider"] == "adaptquant"
     assert (meta["quantization_level"], meta["precision"], meta["backend"]) == ("fp16", "bfloat16", "cast")
-    assert meta["memory"]["used_percent"] == "10.0%" and meta["switches"] == []
+    assert meta["memory"]["used_percent"] == 10.0 and meta["switches"] == []
     assert answer.usage_metadata == expected.usage_metadata
 
 
@@ -113,7 +113,7 @@ def test_a_switch_on_the_server_reaches_the_remote_metadata(env):
     (switch,) = meta["switches"]
     assert (switch["from_level"], switch["to_level"], switch["direction"]) == ("fp16", "int2", "downgrade")
     assert meta["quantization_level"] == "int2" and "emergency" in meta["decision_reason"]
-    assert meta["memory"]["used_percent"] == "90.0%"
+    assert meta["memory"]["used_percent"] == 90.0
 
 
 def test_options_tools_and_tool_history_travel_to_the_server(env):

@@ -27,7 +27,7 @@ def test_a_roomy_budget_loads_high_and_a_starved_one_shrinks_the_resident_model(
     assert model.apply_budget(4.0) is None and model.loaded().level.value == "fp16"  # 0.5 of 4 GiB: relaxed
     report = model.report()
     assert (report["memory_budget_gb"], report["level"], report["switches"]) == (4.0, "fp16", [])
-    assert report["memory"]["limit_source"] == REPLICA_LIMIT and report["memory"]["used_percent"] == "12.5%"
+    assert report["memory"]["limit_source"] == REPLICA_LIMIT and report["memory"]["used_percent"] == 12.5
     sample = model.sample()
     assert (sample.level_bits, sample.memory_budget_bytes, sample.switches) == (16, 4 * GIB, 0)
 
@@ -35,7 +35,7 @@ def test_a_roomy_budget_loads_high_and_a_starved_one_shrinks_the_resident_model(
     record = model.apply_budget(0.25, rank=1)  # below what the replica itself holds: nothing fits
     assert record is not None and record.ok and (record.from_level, record.to_level) == ("fp16", smallest.value)
     assert "nothing fits" in record.reason and model.loaded().level is smallest
-    assert model.report()["memory"]["used_percent"] == "100.0%" and model.sample().switches == 1
+    assert model.report()["memory"]["used_percent"] == 100.0 and model.sample().switches == 1
     assert model.apply_budget(0.25, rank=1) is None  # already at the smallest level: nothing more to do
 
 

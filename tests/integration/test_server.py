@@ -77,7 +77,7 @@ def test_status_has_the_seed_shape_and_the_served_model(env):
     status = env.http.get("/api/v1/quantization/status").json()
     assert {"device", "active_requests", "memory", "recommended_level", "current_models"} <= set(status)
     assert set(status["memory"]) >= {"total_gb", "available_gb", "used_percent", "process_gb"}
-    assert status["memory"]["used_percent"] == "10.0%"
+    assert status["memory"]["used_percent"] == 10.0
     (model,) = status["current_models"]
     assert {"name", "size_mb", "access_count", "level"} <= set(model) and model["level"] == "fp16"
     assert status["served_model"]["id"] == MODEL and status["served_model"]["level"] == "fp16"

@@ -118,7 +118,7 @@ def test_status_has_the_seed_fields_and_thresholds():
     m = manager(ScriptedProbe(total_gb=16, used_percent=57.5))
     status = m.get_status(7.0, current_models=[{"name": "x", "size_mb": 1, "access_count": 2}])
     assert {"device", "active_requests", "memory", "recommended_level", "current_models", "thresholds"} <= set(status)
-    assert status["memory"]["used_percent"] == "57.5%"
+    assert status["memory"]["used_percent"] == 57.5
     # The seed's example says int4. With honest INT4 bytes for a 7B (group-32 scales: 4.43 GiB) the
     # projection is 9.2 + 4.43 = 13.6 of 16 GiB = 85.2%, past the 85% edge: emergency -> int2.
     assert status["recommended_level"] == "int2"
