@@ -2,7 +2,7 @@
 
     python benchmarks/adaptation.py [--model reference] [--steps 60] [--seed 2] [--quick]
 
-Two traces run, each on a fresh loader: the seed's 10:00-11:00 timeline (``SEED_TIMELINE``, 15
+Two traces run, each on a fresh loader: the documented 10:00-11:00 timeline (``EXAMPLE_TIMELINE``, 15
 minutes a step) and a seeded random walk (``--steps`` steps, ``--step-s`` apart) of memory used and
 requests in flight. The default seed (2) was picked, by replaying the decisions alone, because its
 walk takes the reference model through all four levels (int2 at its 76% peak); other seeds stay
@@ -67,12 +67,12 @@ from common import (  # noqa: E402
 )
 from langchain_adaptquant import ChatAdaptQuant, PolicyConfig  # noqa: E402
 from langchain_adaptquant.backends.registry import available_levels  # noqa: E402
-from langchain_adaptquant.replay import SEED_TIMELINE  # noqa: E402
+from langchain_adaptquant.replay import EXAMPLE_TIMELINE  # noqa: E402
 from langchain_adaptquant.resources import GIB  # noqa: E402
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 PROMPT = "What does json.dumps do?"
-SEED_STEP_S = 900.0  # the seed's timeline is fifteen minutes a step
+EXAMPLE_STEP_S = 900.0  # the documented timeline is fifteen minutes a step
 COLUMNS = (
     ("trace", "trace"), ("clock", "clock"), ("background_percent", "rest %"), ("used_percent", "used %"),
     ("requests", "req"), ("level", "level"), ("action", "action"), ("switch_s", "switch s"),
@@ -93,8 +93,8 @@ class FakeClock:
 
 
 # -- traces -------------------------------------------------------------------------------------------
-def seed_trace() -> Trace:
-    return [(clock, float(used), int(requests)) for clock, used, requests in SEED_TIMELINE]
+def example_trace() -> Trace:
+    return [(clock, float(used), int(requests)) for clock, used, requests in EXAMPLE_TIMELINE]
 
 
 def random_walk(steps: int, seed: int, step_s: float) -> Trace:
@@ -406,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"scripted machine (memory budget): {budget / MB:.1f} MB", flush=True)
     facts = measure_levels(folder, levels)
     traces = {
-        "seed 10:00-11:00": (seed_trace(), SEED_STEP_S),
+        "example 10:00-11:00": (example_trace(), EXAMPLE_STEP_S),
         f"random walk (seed {args.seed})": (random_walk(args.steps, args.seed, args.step_s), args.step_s),
     }
     replays, comparisons, policies = {}, {}, {}

@@ -102,13 +102,13 @@ def extra_paths() -> list[_Path]:
 
 
 def all_paths(device: str) -> list[_Path]:
-    from langchain_adaptquant.backends.registry import PREFERENCE
+    from langchain_adaptquant.backends.registry import MEASURED_PREFERENCE
 
     paths = []
     for backend in (b for b in all_backends() if b.available()):
         for level in LEVELS_BY_PRECISION:
             if backend.supports(level, device):
-                shipped = PREFERENCE.get(device, {}).get(level, [None])[0] == backend.name
+                shipped = MEASURED_PREFERENCE.get(device, {}).get(level, [None])[0] == backend.name
                 paths.append(_Path(backend.name, level.value,
                                    lambda layer, b=backend, lv=level: b.quantize_linear(layer, lv, device),
                                    lambda layer, b=backend, lv=level: b.shape_problem(layer, lv, device), shipped))

@@ -370,7 +370,7 @@ def layer_row(label: str, level: str, shape: tuple[int, int, bool], quantize: Ca
 def check_backends(args: argparse.Namespace, dev: Device, state: dict[str, Any], result: dict[str, Any]) -> None:
     from langchain_adaptquant.backends.base import device_type
     from langchain_adaptquant.backends.registry import (
-        PREFERENCE,
+        preference,
         all_backends,
         available_levels,
         backend_preference,
@@ -379,7 +379,7 @@ def check_backends(args: argparse.Namespace, dev: Device, state: dict[str, Any],
 
     kind = device_type(args.device)
     result["rows"] = []
-    result["preference_table"] = {lvl.value: order for lvl, order in PREFERENCE.get(kind, {}).items()}
+    result["preference_table"] = {lvl.value: order for lvl, order in preference.get(kind, {}).items()}
     result["preference_available"] = {lvl: [b.name for b in backend_preference(lvl, args.device)] for lvl in LEVELS}
     result["available_levels"] = [lvl.value for lvl in available_levels(args.device)]
     result["backends"] = {}

@@ -105,7 +105,7 @@ COLUMNS = (
 def configured(config: Config) -> Iterator[None]:
     """The registry as ``config`` wants it: its backend order for the level and its backend instances."""
     level = QuantizationLevel.parse(config.level)
-    orders = registry.PREFERENCE["cpu"]
+    orders = registry.preference["cpu"]
     saved = list(orders[level])
     orders[level][:] = list(config.order)
     try:

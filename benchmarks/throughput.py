@@ -42,7 +42,7 @@ from common import MB, machine_info, print_table, quiet_loader, read_status, res
 from levels import bytes_read_per_token, copy_bandwidth  # noqa: E402
 
 from langchain_adaptquant import ChatAdaptQuant, generation  # noqa: E402
-from langchain_adaptquant.load import nearest_rank  # noqa: E402
+from langchain_adaptquant.load_tracker import nearest_rank  # noqa: E402
 from langchain_adaptquant.loader import LoadedModel  # noqa: E402
 from langchain_adaptquant.runtime import EngineConfig, GenerationEngine  # noqa: E402
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run
     from langchain_adaptquant.chat_model import ChatAdaptQuant
     from langchain_adaptquant.errors import AdaptQuantError, InsufficientMemoryError, InvalidValueError
     from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
-    from langchain_adaptquant.load import LoadStats, LoadTracker
+    from langchain_adaptquant.load_tracker import LoadStats, LoadTracker
     from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
     from langchain_adaptquant.manager import DynamicQuantizationManager, QuantizationConfig, ReoptimizeDecision
     from langchain_adaptquant.policy import Decision, PolicyConfig
@@ -37,8 +37,8 @@ _EXPORTS: dict[str, str] = {
     "InvalidValueError": "errors",
     "QuantizationLevel": "levels",
     "TaskPriority": "levels",
-    "LoadStats": "load",
-    "LoadTracker": "load",
+    "LoadStats": "load_tracker",
+    "LoadTracker": "load_tracker",
     "AdaptiveModelLoader": "loader",
     "LoadedModel": "loader",
     "SwitchRecord": "loader",

@@ -116,7 +116,7 @@ def _model_path(value: Optional[str]) -> str:
 
 
 def cmd_live_demo(args: argparse.Namespace) -> int:
-    """The seed's timeline against a real model: real generation, real switches, a live table."""
+    """The documented example timeline against a real model: real generation, real switches, a live table."""
     from langchain_adaptquant.demo import progress_line, render, run_demo, switch_lines, transcript_lines
 
     try:
@@ -126,7 +126,7 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
         Console = Live = None  # type: ignore[assignment,misc]
     model = _model_path(args.model)
     total_gb = args.total_gb or 16.0
-    title = f"Live: seed timeline on {os.path.basename(model.rstrip('/'))}, {args.priority} priority, " \
+    title = f"Live: example timeline on {os.path.basename(model.rstrip('/'))}, {args.priority} priority, " \
             f"scripted memory of a {total_gb:g} GiB host, 15 virtual minutes per step"
     console = Console() if Console is not None else None
     if console is not None and not console.is_terminal:
@@ -165,12 +165,12 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from langchain_adaptquant.replay import SEED_HOST_GB, replay
+    from langchain_adaptquant.replay import EXAMPLE_HOST_GB, replay
 
-    args.total_gb = args.total_gb or SEED_HOST_GB
+    args.total_gb = args.total_gb or EXAMPLE_HOST_GB
     rows = replay(model_size_params=args.params, task_priority=args.priority, total_gb=args.total_gb)
     _print_table(
-        f"Seed timeline replayed through the decision engine: {args.params:g}B model, "
+        f"Example timeline replayed through the decision engine: {args.params:g}B model, "
         f"{args.priority} priority, {args.total_gb:g} GiB host",
         ["time", "memory", "requests", "level", "model size", "action", "reason"],
         [
@@ -178,7 +178,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             for r in rows
         ],
     )
-    if args.total_gb == SEED_HOST_GB:
+    if args.total_gb == EXAMPLE_HOST_GB:
         print(f"(sizes are honest estimates: see `adaptquant calculate --params {args.params:g}`)")
     return 0
 
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    demo = sub.add_parser("demo", help="the seed's re-optimization timeline, live on a real model (--replay: engine only)")
+    demo = sub.add_parser("demo", help="the documented re-optimization timeline, live on a real model (--replay: engine only)")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.add_argument("--priority", type=priority, default="balanced")
     demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=24, help="tokens per demo answer")

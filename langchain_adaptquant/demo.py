@@ -1,8 +1,8 @@
-"""The live demo: the seed's 10:00-11:00 timeline played against a real model, with real switches.
+"""The live demo: the documented 10:00-11:00 timeline (docs/DYNAMIC_QUANTIZATION.md) played against a real model, with real switches.
 
-Memory follows the seed's percentages through a :class:`ScriptedProbe` (we cannot make the machine
+Memory follows the timeline's percentages through a :class:`ScriptedProbe` (we cannot make the machine
 actually fill up on cue), time runs on a virtual clock (fifteen minutes per step, so hysteresis
-timers behave as in the seed without waiting an hour), and load is real: each step starts its
+timers behave as in the example without waiting an hour), and load is real: each step starts its
 requests in threads that arrive together, so the manager sees them in flight when it decides.
 Everything else is real: the chat model generates, the loader requantizes layer by layer, and the
 table reports measured switch times and stored bytes.
@@ -21,7 +21,7 @@ from langchain_adaptquant.chat_model import ChatAdaptQuant
 from langchain_adaptquant.levels import TaskPriority
 from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, process_memory
 from langchain_adaptquant.manager import DynamicQuantizationManager
-from langchain_adaptquant.replay import SEED_TIMELINE
+from langchain_adaptquant.replay import EXAMPLE_TIMELINE
 from langchain_adaptquant.resources import ScriptedProbe
 from langchain_adaptquant.units import MIB as MB
 from langchain_adaptquant.weights import resolve_model_folder
@@ -127,7 +127,7 @@ def _action(switched: Sequence[SwitchRecord], first: bool) -> str:
 def run_demo(
     model: str | Path,
     task_priority: TaskPriority | str = TaskPriority.BALANCED,
-    timeline: Sequence[tuple[str, float, int]] = SEED_TIMELINE,
+    timeline: Sequence[tuple[str, float, int]] = EXAMPLE_TIMELINE,
     total_gb: float = 16.0,
     max_tokens: int = 16,
     step_s: float = 900.0,

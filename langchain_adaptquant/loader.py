@@ -291,7 +291,7 @@ class LoadedModel:
                 self.active_requests -= 1
 
     def to_dict(self) -> dict[str, Any]:
-        """Cache statistics in the seed's shape (name, size_mb, access_count) and more."""
+        """Cache statistics in the documented shape (name, size_mb, access_count) and more."""
         return {
             "name": self.name,
             "path": str(self.folder),

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from langchain_adaptquant.errors import InsufficientMemoryError
 from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel, TaskPriority
-from langchain_adaptquant.load import LoadTracker
+from langchain_adaptquant.load_tracker import LoadTracker
 from langchain_adaptquant.policy import (
     Decision,
     HysteresisState,
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class QuantizationConfig(BaseModel):
-    """The answer of ``calculate_optimal_quantization``: the seed's JSON shape plus the reason."""
+    """The answer of ``calculate_optimal_quantization``: the documented JSON shape (docs/DYNAMIC_QUANTIZATION.md) plus the reason."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -304,7 +304,7 @@ class DynamicQuantizationManager:
         model_size_params: Any = None,
         current_models: Iterable[dict[str, Any]] = (),
     ) -> dict[str, Any]:
-        """The seed's status JSON: device, load, memory, recommended level, models and thresholds."""
+        """The documented status JSON: device, load, memory, recommended level, models and thresholds."""
         snap = self.snapshot()
         load = self.tracker.stats()
         try:

@@ -51,28 +51,29 @@ LOAD_BAND_NAMES = ("idle", "light", "busy", "saturated")
 PRIORITIES = (TaskPriority.QUALITY, TaskPriority.BALANCED, TaskPriority.SPEED)
 
 # DECISION_MATRIX[memory band][load band] = (quality, balanced, speed).
-# Rows the seed defines are marked (seed); the rest are ours, chosen so precision never rises with
+# Rows of the documented decision matrix (docs/DYNAMIC_QUANTIZATION.md, section 2) are marked
+# (documented); the rest are ours, chosen so precision never rises with
 # memory or load and quality >= balanced >= speed in every cell (the tests check both).
 DECISION_MATRIX: tuple[tuple[tuple[QuantizationLevel, ...], ...], ...] = (
     # relaxed: used < 40%
     (
-        (FP16, FP16, INT8),  # idle (< 2 requests): quality FP16 (seed)
-        (FP16, INT8, INT4),  # light (2-5): balanced INT8 (seed)
+        (FP16, FP16, INT8),  # idle (< 2 requests): quality FP16 (documented)
+        (FP16, INT8, INT4),  # light (2-5): balanced INT8 (documented)
         (INT8, INT4, INT4),  # busy (6-9)
         (INT8, INT4, INT4),  # saturated (>= 10)
     ),
     # moderate: 40-60%
     (
-        (INT8, INT8, INT4),  # idle: quality INT8 (seed)
-        (INT8, INT4, INT4),  # light: balanced INT4 (seed)
+        (INT8, INT8, INT4),  # idle: quality INT8 (documented)
+        (INT8, INT4, INT4),  # light: balanced INT4 (documented)
         (INT4, INT4, INT4),
         (INT4, INT4, INT4),
     ),
-    # tight: 60-75%: INT4 for any load and priority (seed)
+    # tight: 60-75%: INT4 for any load and priority (documented)
     ((INT4,) * 3, (INT4,) * 3, (INT4,) * 3, (INT4,) * 3),
-    # critical: 75-85%: INT4 below 10 requests (seed), INT2 from 10 on
+    # critical: 75-85%: INT4 below 10 requests (documented), INT2 from 10 on
     ((INT4,) * 3, (INT4,) * 3, (INT4,) * 3, (INT2,) * 3),
-    # emergency: > 85%: INT2 for everything (seed)
+    # emergency: > 85%: INT2 for everything (documented)
     ((INT2,) * 3, (INT2,) * 3, (INT2,) * 3, (INT2,) * 3),
 )
 

@@ -1,6 +1,7 @@
 """Replay a timeline of (memory used %, requests in flight) through the real decision engine.
 
-The seed's re-optimization example is such a timeline. Replaying it through the manager, with a
+The documented re-optimization example (``docs/DYNAMIC_QUANTIZATION.md``, section 2, the decision
+matrix and its timeline) is such a timeline. Replaying it through the manager, with a
 scripted probe and real load-tracker slots, shows what the engine does with it; the demo prints it
 and a test pins it down.
 """
@@ -15,8 +16,8 @@ from langchain_adaptquant.levels import QuantizationLevel, TaskPriority, switch_
 from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.resources import GIB, ScriptedProbe
 
-#: The seed's 10:00-11:00 example: (clock, memory used %, requests in flight), fifteen minutes apart.
-SEED_TIMELINE: tuple[tuple[str, float, int], ...] = (
+#: The documented 10:00-11:00 example (docs/DYNAMIC_QUANTIZATION.md, section 2): (clock, memory used %, requests in flight), fifteen minutes apart.
+EXAMPLE_TIMELINE: tuple[tuple[str, float, int], ...] = (
     ("10:00", 35.0, 1),
     ("10:15", 48.0, 3),
     ("10:30", 68.0, 5),
@@ -24,9 +25,9 @@ SEED_TIMELINE: tuple[tuple[str, float, int], ...] = (
     ("11:00", 32.0, 0),
 )
 
-#: Host the replay assumes. With honest sizes a 7B model is 13 GiB at 16-bit; the seed's
+#: Host the replay assumes. With honest sizes a 7B model is 13 GiB at 16-bit; the example's
 #: percentages let it load at FP16 (projected < 40%) only on a host where that is a small share.
-SEED_HOST_GB = 512.0
+EXAMPLE_HOST_GB = 512.0
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,10 @@ class ReplayRow:
 
 
 def replay(
-    timeline: Iterable[tuple[str, float, int]] = SEED_TIMELINE,
+    timeline: Iterable[tuple[str, float, int]] = EXAMPLE_TIMELINE,
     model_size_params: float = 7.0,
     task_priority: TaskPriority | str = TaskPriority.BALANCED,
-    total_gb: float = SEED_HOST_GB,
+    total_gb: float = EXAMPLE_HOST_GB,
     step_s: float = 900.0,
     manager: Optional[DynamicQuantizationManager] = None,
     probe: Optional[ScriptedProbe] = None,

@@ -1,8 +1,8 @@
 """How many bytes a model needs at each level, known before a single weight is loaded.
 
 The policy must compare levels before switching, so sizes come from the architecture alone: either a
-transformers config (exact parameter split) or a parameter count in billions (the seed's
-``model_size_params``, with an assumed share of unquantized parameters).
+transformers config (exact parameter split) or a parameter count in billions (the documented
+``model_size_params`` of ``/calculate``, with an assumed share of unquantized parameters).
 
 Estimated bytes at a level::
 

@@ -13,19 +13,20 @@ from langchain_adaptquant.backends.base import (
     device_type,
 )
 from langchain_adaptquant.backends.registry import (
-    PREFERENCE,
+    MEASURED_PREFERENCE,
     all_backends,
     available_backends,
     available_levels,
     backend_preference,
     get_backend,
+    preference,
     quantize_linear_with_fallback,
     register_backend,
     unregister_backend,
 )
 
 __all__ = [
-    "PREFERENCE",
+    "MEASURED_PREFERENCE",
     "BackendError",
     "QuantizationBackend",
     "UnsupportedLevelError",
@@ -36,6 +37,7 @@ __all__ = [
     "compute_dtype",
     "device_type",
     "get_backend",
+    "preference",
     "quantize_linear_with_fallback",
     "register_backend",
     "unregister_backend",

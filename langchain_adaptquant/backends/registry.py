@@ -1,7 +1,7 @@
 """Which backend stores which level on which device, best first, and per-layer fallback.
 
 The CPU order below was chosen from ``benchmarks/backends_probe.py`` on the development machine
-(2-core x86-64, AVX2 without AVX512-BF16, torch 2.13 CPU); numbers in ``PREFERENCE`` comments
+(2-core x86-64, AVX2 without AVX512-BF16, torch 2.13 CPU); numbers in ``MEASURED_PREFERENCE`` comments
 are from ``benchmarks/results/backends_probe.json``. Re-run the probe on a new machine type
 before trusting the order there. The CUDA order was measured on an H100 with
 ``benchmarks/cuda_check.py``; the MPS order follows the libraries' documentation (not measured).
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from types import MappingProxyType
+from typing import Iterator, Mapping, Optional
 
 from torch import nn
 
@@ -41,45 +42,55 @@ _FP16, _INT8, _INT4, _INT2 = (
     QuantizationLevel.INT2,
 )
 
-#: Best first, per device type and level. Backends missing here but registered come last.
-PREFERENCE: dict[str, dict[QuantizationLevel, list[str]]] = {
-    "cpu": {
-        _FP16: ["cast"],
+#: The measured order, best first, per device type and level (read-only: the numbers behind it are in
+#: the comments). Backends missing here but registered come last.
+MEASURED_PREFERENCE: Mapping[str, Mapping[QuantizationLevel, tuple[str, ...]]] = MappingProxyType({
+    "cpu": MappingProxyType({
+        _FP16: ("cast",),
         # Sums over 768x768, 768x3072, 3072x768, 768x1000, 1 thread (decode ms / 64-token prefill ms /
         # quantize ms / max rel. error): quanto 0.86 / 30 / 37 / 0.009, torchao 2.9 / 121 / 92 / 0.009,
         # bitsandbytes 5.3 / 32 / 122 / 0.012 (it also quantizes activations). quanto wins both;
         # torchao next for decode, which dominates generation. All ~0.50x bf16 bytes.
-        _INT8: ["quanto", "torchao", "bitsandbytes"],
+        _INT8: ("quanto", "torchao", "bitsandbytes"),
         # torchao and quanto run the same tinygemm kernel: on the 3 shapes torchao takes, decode
         # 0.94 vs 0.93 ms, prefill 21 vs 25 ms, but torchao quantizes 2-3x faster (38 vs 82 ms),
         # which is what a switch costs. torchao rejects out_features % 16 != 0 (768x1000); quanto
         # takes it at 1.28 ms decode vs bitsandbytes nf4 1.53 ms. nf4 is slowest here (decode sum
         # 19.8 ms) as this CPU lacks AVX512-BF16; ~0.26-0.27x bf16 bytes for all three.
-        _INT4: ["torchao", "quanto", "bitsandbytes"],
+        _INT4: ("torchao", "quanto", "bitsandbytes"),
         # int2pack stores 2 bits per weight and runs torch's int4 kernel (decode 0.157 ms on
         # 1024x2816 vs bf16 0.244 ms, 1 thread); quanto dequantizes every weight per forward
         # (~5x slower than bf16) and takes the layers int2pack cannot (out_features % 16 != 0).
-        _INT2: ["int2pack", "quanto"],
-    },
+        _INT2: ("int2pack", "quanto"),
+    }),
     # CUDA, measured with benchmarks/cuda_check.py on an H100 (torch 2.11 cu130, fp16 activations;
     # decode-size forward in ms over 1024x1024 / 1024x2816 / 2816x1024 / 1024x1000, max rel. error):
     # INT8 torchao 0.07-0.10 / 0.004, quanto 0.08-0.13 / 0.004, bitsandbytes LLM.int8() 0.17-0.39 /
     # 0.009 (it also quantizes activations). INT4: bitsandbytes NF4 0.05 / 0.09; torchao's int4
     # layout takes bf16 only, and quanto int4/int2 need their JIT-compiled CUDA kernels.
-    "cuda": {
-        _FP16: ["cast"],
-        _INT8: ["torchao", "quanto", "bitsandbytes"],
-        _INT4: ["bitsandbytes", "quanto", "torchao"],
-        _INT2: ["quanto"],
-    },
+    "cuda": MappingProxyType({
+        _FP16: ("cast",),
+        _INT8: ("torchao", "quanto", "bitsandbytes"),
+        _INT4: ("bitsandbytes", "quanto", "torchao"),
+        _INT2: ("quanto",),
+    }),
     # MPS: quanto is the library that targets it; 16-bit is a cast.
-    "mps": {
-        _FP16: ["cast"],
-        _INT8: ["quanto"],
-        _INT4: ["quanto"],
-        _INT2: ["quanto"],
-    },
-}
+    "mps": MappingProxyType({
+        _FP16: ("cast",),
+        _INT8: ("quanto",),
+        _INT4: ("quanto",),
+        _INT2: ("quanto",),
+    }),
+})
+
+
+def _measured_order() -> dict[str, dict[QuantizationLevel, list[str]]]:
+    return {kind: {level: list(names) for level, names in orders.items()} for kind, orders in MEASURED_PREFERENCE.items()}
+
+
+#: The order in use: the measured one until ``register_backend``/``unregister_backend`` change it
+#: (mutable module state, hence the lower-case name; tests and benchmarks may edit it and restore it).
+preference: dict[str, dict[QuantizationLevel, list[str]]] = _measured_order()
 
 _BACKENDS: dict[str, QuantizationBackend] = {
     backend.name: backend
@@ -116,7 +127,7 @@ def register_backend(backend: QuantizationBackend, *, first: bool = False) -> No
     if not isinstance(backend, QuantizationBackend):
         raise TypeError(f"register_backend needs a QuantizationBackend, got {type(backend).__name__}")
     _BACKENDS[backend.name] = backend
-    for orders in PREFERENCE.values():
+    for orders in preference.values():
         for order in orders.values():
             if backend.name in order:
                 order.remove(backend.name)
@@ -143,7 +154,7 @@ def replaced_backend(backend: QuantizationBackend) -> Iterator[QuantizationBacke
 def unregister_backend(name: str) -> None:
     """Remove a backend added with :func:`register_backend` (no error if it is not there)."""
     _BACKENDS.pop(name, None)
-    for orders in PREFERENCE.values():
+    for orders in preference.values():
         for order in orders.values():
             if name in order:
                 order.remove(name)
@@ -156,7 +167,7 @@ def backend_preference(level: LevelLike, device: DeviceLike = "cpu") -> list[Qua
     """Available backends that support ``level`` on ``device``, best first for that device."""
     level = QuantizationLevel.parse(level)
     kind = device_type(device)
-    order = PREFERENCE.get(kind, {}).get(level, [])
+    order = preference.get(kind, {}).get(level, [])
     names = [n for n in order if n in _BACKENDS] + [n for n in _BACKENDS if n not in order]
     return [
         backend

@@ -1,4 +1,4 @@
-"""The seed's monitoring endpoints under /api/v1/quantization, plus /healthz and /metrics.
+"""The monitoring endpoints (docs/DYNAMIC_QUANTIZATION.md, section 4) under /api/v1/quantization, plus /healthz and /metrics.
 
 Handlers are plain ``def``: FastAPI runs them in its thread pool, so a probe, a cache clear (a full
 garbage collection) or reading /proc never stalls the event loop that streams tokens.

@@ -62,7 +62,7 @@ class ErrorResponse(BaseModel):
 
 
 class ModelEntry(BaseModel):
-    """One cached model in ``status``/``cache``: the seed's name, size_mb and access_count, and more."""
+    """One cached model in ``status``/``cache``: the documented name, size_mb and access_count, and more."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -76,7 +76,7 @@ class ModelEntry(BaseModel):
 
 
 class StatusResponse(BaseModel):
-    """The seed's status shape (device, active_requests, memory, recommended_level, current_models) and more."""
+    """The documented status shape (device, active_requests, memory, recommended_level, current_models) and more."""
 
     model_config = ConfigDict(extra="allow")
 

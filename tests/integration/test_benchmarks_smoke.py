@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from langchain_adaptquant.backends.registry import available_levels
-from langchain_adaptquant.replay import SEED_TIMELINE
+from langchain_adaptquant.replay import EXAMPLE_TIMELINE
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 LEVELS = [level.value for level in available_levels("cpu")]
@@ -74,7 +74,7 @@ def test_adaptation_quick_replays_both_traces(tiny_with_heldout, tmp_path):
     assert set(saved["levels"]) == set(LEVELS)
     assert saved["budget_mb"] > 0
     lengths = sorted(len(trace["steps"]) for trace in saved["traces"].values())
-    assert lengths == sorted([len(SEED_TIMELINE), 8])
+    assert lengths == sorted([len(EXAMPLE_TIMELINE), 8])
     for trace in saved["traces"].values():
         for step in trace["steps"]:
             for key in ("used_percent", "requests", "level", "action", "switch_s", "rss_mb"):

@@ -118,7 +118,7 @@ def test_chat_repl_streams_answers_and_quits(tiny_chat_dir):
     assert len(levels) == 2 and all(0 < int(tokens) <= 5 for _, tokens in levels)
 
 
-def test_live_demo_runs_the_seed_timeline_with_real_switches(capsys, tiny_chat_dir):
+def test_live_demo_runs_the_example_timeline_with_real_switches(capsys, tiny_chat_dir):
     started = time.monotonic()
     code, out, _ = run(capsys, "demo", "--model", str(tiny_chat_dir), "--max-tokens", "4")
     assert code == 0 and time.monotonic() - started < 60

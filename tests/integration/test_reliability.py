@@ -15,7 +15,7 @@ import pytest
 from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, PolicyConfig, ScriptedProbe
 from langchain_adaptquant.backends.quanto import QuantoBackend
 from langchain_adaptquant.backends.registry import (
-    PREFERENCE,
+    preference,
     available_levels,
     get_backend,
     register_backend,
@@ -135,7 +135,7 @@ def test_backend_error_mid_switch_rolls_back_and_serving_continues(tiny_chat_dir
     before = llm.invoke("hello")
     assert before.response_metadata["quantization_level"] == "fp16"
     failing = FailingQuanto()
-    saved = copy.deepcopy(PREFERENCE)
+    saved = copy.deepcopy(preference)
     register_backend(failing)  # replaces "quanto" ...
     int2pack = get_backend("int2pack")
     unregister_backend("int2pack")  # ... and without int2pack no other backend can take int2
@@ -149,8 +149,8 @@ def test_backend_error_mid_switch_rolls_back_and_serving_continues(tiny_chat_dir
     finally:
         register_backend(QuantoBackend())
         register_backend(int2pack)
-        PREFERENCE.clear()
-        PREFERENCE.update(saved)
+        preference.clear()
+        preference.update(saved)
     assert after.response_metadata["quantization_level"] == "fp16"
     assert after.content == before.content  # rolled back to exactly the same weights
     assert loader.stats()[0]["last_error"] and "simulated kernel failure" in loader.stats()[0]["last_error"]

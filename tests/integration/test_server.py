@@ -73,7 +73,7 @@ def test_health_models_and_openapi(env):
         assert path in paths
 
 
-def test_status_has_the_seed_shape_and_the_served_model(env):
+def test_status_has_the_documented_shape_and_the_served_model(env):
     status = env.http.get("/api/v1/quantization/status").json()
     assert {"device", "active_requests", "memory", "recommended_level", "current_models"} <= set(status)
     assert set(status["memory"]) >= {"total_gb", "available_gb", "used_percent", "process_gb"}

@@ -23,7 +23,7 @@ from langchain_adaptquant.backends import (
     register_backend,
     unregister_backend,
 )
-from langchain_adaptquant.backends import PREFERENCE
+from langchain_adaptquant.backends import preference
 from langchain_adaptquant.backends import bitsandbytes as bnb_backend
 from langchain_adaptquant.backends.quanto import QuantoBackend
 from langchain_adaptquant.backends.torchao import TorchAOBackend
@@ -177,7 +177,7 @@ def test_layer_nf4_rejects_skips_bitsandbytes(monkeypatch):
     # On an AVX512-BF16 CPU with bitsandbytes preferred, a 256x200 layer is refused by nf4
     # (out % 32) and by torchao (out % 16) and lands on quanto.
     monkeypatch.setattr(bnb_backend, "_cpu_repacks_nf4", lambda: True)
-    monkeypatch.setitem(PREFERENCE["cpu"], INT4, ["bitsandbytes", "torchao", "quanto"])
+    monkeypatch.setitem(preference["cpu"], INT4, ["bitsandbytes", "torchao", "quanto"])
     module, name = quantize_linear_with_fallback(make_linear(256, 200), INT4, "cpu")
     assert name == "quanto"
     module, name = quantize_linear_with_fallback(make_linear(256, 192), INT4, "cpu")

@@ -14,7 +14,7 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_calculate_json_has_the_seed_shape(capsys):
+def test_calculate_json_has_the_documented_shape(capsys):
     code, out, _ = run(capsys, "calculate", "--params", "7", "--priority", "Balanced", "--json")
     assert code == 0
     data = json.loads(out)

@@ -13,7 +13,7 @@ from langchain_adaptquant import (
 )
 from langchain_adaptquant.backends.registry import replaced_backend
 from langchain_adaptquant.backends.torchao import TorchAOBackend
-from langchain_adaptquant.replay import SEED_TIMELINE, replay
+from langchain_adaptquant.replay import EXAMPLE_TIMELINE, replay
 
 ALL = list(QuantizationLevel)
 
@@ -22,8 +22,8 @@ def manager(probe, **kwargs):
     return DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0, available_levels=ALL, **kwargs)
 
 
-def test_seed_timeline_replay():
-    rows = replay(SEED_TIMELINE, model_size_params=7.0, task_priority="balanced")
+def test_example_timeline_replay():
+    rows = replay(EXAMPLE_TIMELINE, model_size_params=7.0, task_priority="balanced")
     assert [(r.clock, r.level.value, r.action) for r in rows] == [
         ("10:00", "fp16", "initial load"),
         ("10:15", "fp16", "kept"),
@@ -35,7 +35,7 @@ def test_seed_timeline_replay():
     assert "load, not memory" in rows[1].reason
 
 
-def test_calculate_returns_the_seed_shape():
+def test_calculate_returns_the_documented_shape():
     m = manager(ScriptedProbe(total_gb=16, used_percent=50))
     with m.tracker.track(), m.tracker.track(), m.tracker.track():
         result = m.calculate_optimal_quantization(1.0, "balanced")
@@ -114,12 +114,12 @@ def test_status_reports_when_nothing_fits():
     assert "does not fit" in status["recommendation_reason"]
 
 
-def test_status_has_the_seed_fields_and_thresholds():
+def test_status_has_the_documented_fields_and_thresholds():
     m = manager(ScriptedProbe(total_gb=16, used_percent=57.5))
     status = m.get_status(7.0, current_models=[{"name": "x", "size_mb": 1, "access_count": 2}])
     assert {"device", "active_requests", "memory", "recommended_level", "current_models", "thresholds"} <= set(status)
     assert status["memory"]["used_percent"] == 57.5
-    # The seed's example says int4. With honest INT4 bytes for a 7B (group-32 scales: 4.43 GiB) the
+    # The documented example says int4. With honest INT4 bytes for a 7B (group-32 scales: 4.43 GiB) the
     # projection is 9.2 + 4.43 = 13.6 of 16 GiB = 85.2%, past the 85% edge: emergency -> int2.
     assert status["recommended_level"] == "int2"
     assert status["recommendation_reason"].endswith("-> int2")

@@ -28,7 +28,7 @@ Q, B, S = TaskPriority.QUALITY, TaskPriority.BALANCED, TaskPriority.SPEED
 CONFIG = PolicyConfig()
 
 
-# The seed's rows, exactly.
+# The documented decision matrix (docs/DYNAMIC_QUANTIZATION.md, section 2), exactly.
 @pytest.mark.parametrize(
     "used, requests, priority, expected",
     [
@@ -43,7 +43,7 @@ CONFIG = PolicyConfig()
         (90, 20, S, INT2),
     ],
 )
-def test_matrix_reproduces_the_seed_rows(used, requests, priority, expected):
+def test_matrix_reproduces_the_documented_rows(used, requests, priority, expected):
     assert matrix_level(used, requests, priority, CONFIG) is expected
 
 

@@ -64,7 +64,7 @@ def test_sizes_fall_with_precision():
 def test_seven_billion_parameters_are_honest():
     size = size_from_params(7.0)
     assert size.estimated_bytes("fp16") == 14_000_000_000
-    # int4: 3.36 GB of 4-bit weights + 0.84 GB of group-32 scales + 0.56 GB unquantized: not the seed's 1.75 GB
+    # int4: 3.36 GB of 4-bit weights + 0.84 GB of group-32 scales + 0.56 GB unquantized: not the 1.75 GB first claimed for it
     assert 4.6e9 < size.estimated_bytes("int4") < 4.9e9
     assert size.estimated_gb("int4") == pytest.approx(size.estimated_bytes("int4") / 1024**3)
 
