@@ -9,34 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from typing import Any, Mapping, Optional, Sequence, cast
 
-from langchain_adaptquant.argtypes import priority
+from langchain_adaptquant.argtypes import positive_number, priority, whole_number
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
 
-
-def _params(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --params {value!r}: expected a number of billions, e.g. 7") from None
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"invalid --params {value!r}: must be a finite number greater than 0")
-    return number
-
-
-def _budget(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --memory-budget-gb {value!r}: expected a number of GiB") from None
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"invalid --memory-budget-gb {value!r}: must be greater than 0")
-    return number
+_params = positive_number("params", expected="a number of billions, e.g. 7")
+_budget = positive_number("memory-budget-gb", expected="a number of GiB")
 
 
 def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -189,15 +171,6 @@ def _port(value: str) -> int:
     return int(value)
 
 
-def _positive(name: str) -> Any:
-    def parse(value: str) -> int:
-        if not value.strip().isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"invalid --{name} {value!r}: a whole number >= 1")
-        return int(value)
-
-    return parse
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from langchain_adaptquant.server.run import serve
@@ -303,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the documented re-optimization timeline, live on a real model (--replay: engine only)")
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.add_argument("--priority", type=priority, default="balanced")
-    demo.add_argument("--max-tokens", type=_positive("max-tokens"), default=24, help="tokens per demo answer")
+    demo.add_argument("--max-tokens", type=whole_number("max-tokens"), default=24, help="tokens per demo answer")
     demo.add_argument("--replay", action="store_true", help="replay the timeline through the decision engine only")
     demo.add_argument("--params", type=_params, default=7.0, help="--replay: model size in billions")
     demo.add_argument("--total-gb", type=_budget, default=None,
@@ -315,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; non-loopback needs --token")
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--token", default=None, help="bearer token for chat and cache/clear (or ADAPTQUANT_TOKEN)")
-    serve.add_argument("--max-queue", type=_positive("max-queue"), default=16, help="chat requests in flight before 503")
-    serve.add_argument("--max-tokens-limit", type=_positive("max-tokens-limit"), default=1024)
+    serve.add_argument("--max-queue", type=whole_number("max-queue"), default=16, help="chat requests in flight before 503")
+    serve.add_argument("--max-tokens-limit", type=whole_number("max-tokens-limit"), default=1024)
     serve.add_argument("--memory-budget-gb", type=ray_cli.budget_list, default=None,
                        help="GiB the policy may count on; with --ray one per replica rank, e.g. 4,1.5")
     serve.add_argument("--no-preload", action="store_true", help="load the model on the first request instead")
@@ -327,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat on stdin/stdout, streaming, with the level per answer")
     chat.add_argument("--model", default=None, help=_MODEL_HELP)
     chat.add_argument("--priority", type=priority, default="balanced")
-    chat.add_argument("--max-tokens", type=_positive("max-tokens"), default=128)
+    chat.add_argument("--max-tokens", type=whole_number("max-tokens"), default=128)
     chat.add_argument("--temperature", type=float, default=None)
-    chat.add_argument("--history", type=_positive("history"), default=8, help="messages of context to keep")
+    chat.add_argument("--history", type=whole_number("history"), default=8, help="messages of context to keep")
     chat.add_argument("--memory-budget-gb", type=_budget, default=None)
     chat.set_defaults(func=cmd_chat)
 

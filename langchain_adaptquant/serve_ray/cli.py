@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from langchain_adaptquant.argtypes import positive_number, whole_number
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.serve_ray.settings import BudgetSettings, ReplicaSettings, ScalingSettings
 from langchain_adaptquant.server.security import check_bind
@@ -19,29 +20,6 @@ RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests
             "downscale_delay_s", "num_cpus_per_replica", "torch_threads", "ray_address", "ray_num_cpus")
 #: Flags that steer autoscaling, so they need --min-replicas/--max-replicas.
 AUTOSCALING_ONLY = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
-
-
-def _whole(flag: str, minimum: int = 1) -> Any:
-    def parse(value: str) -> int:
-        if not value.strip().isdigit() or int(value) < minimum:
-            raise argparse.ArgumentTypeError(f"invalid --{flag} {value!r}: a whole number >= {minimum}")
-        return int(value)
-
-    return parse
-
-
-def _positive_number(flag: str, zero: bool = False) -> Any:
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid --{flag} {value!r}: expected a number") from None
-        if not math.isfinite(number) or number < 0 or (number == 0 and not zero):
-            bound = ">= 0" if zero else "greater than 0"
-            raise argparse.ArgumentTypeError(f"invalid --{flag} {value!r}: must be a finite number {bound}")
-        return number
-
-    return parse
 
 
 def budget_list(value: str) -> tuple[float, ...]:
@@ -65,23 +43,23 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray Serve (with --ray)")
     group.add_argument("--ray", action="store_true",
                        help="serve on Ray Serve: one adaptive model per replica (needs the 'ray' extra)")
-    group.add_argument("--replicas", type=_whole("replicas"), default=None, help="a fixed number of replicas (default 1)")
-    group.add_argument("--min-replicas", type=_whole("min-replicas", 0), default=None,
+    group.add_argument("--replicas", type=whole_number("replicas"), default=None, help="a fixed number of replicas (default 1)")
+    group.add_argument("--min-replicas", type=whole_number("min-replicas", 0), default=None,
                        help="autoscaling: fewest replicas (with --max-replicas)")
-    group.add_argument("--max-replicas", type=_whole("max-replicas"), default=None, help="autoscaling: most replicas")
-    group.add_argument("--target-ongoing-requests", type=_positive_number("target-ongoing-requests"), default=None,
+    group.add_argument("--max-replicas", type=whole_number("max-replicas"), default=None, help="autoscaling: most replicas")
+    group.add_argument("--target-ongoing-requests", type=positive_number("target-ongoing-requests"), default=None,
                        help="autoscaling: requests in flight per replica to aim for (default 2)")
-    group.add_argument("--upscale-delay-s", type=_positive_number("upscale-delay-s", zero=True), default=None,
+    group.add_argument("--upscale-delay-s", type=positive_number("upscale-delay-s", zero=True), default=None,
                        help="autoscaling: seconds load must stay above target before a replica is added (default 30)")
-    group.add_argument("--downscale-delay-s", type=_positive_number("downscale-delay-s", zero=True), default=None,
+    group.add_argument("--downscale-delay-s", type=positive_number("downscale-delay-s", zero=True), default=None,
                        help="autoscaling: seconds load must stay below target before one is removed (default 600)")
-    group.add_argument("--num-cpus-per-replica", type=_positive_number("num-cpus-per-replica"), default=None,
+    group.add_argument("--num-cpus-per-replica", type=positive_number("num-cpus-per-replica"), default=None,
                        help="CPUs Ray reserves per replica, fractions allowed (default 1)")
-    group.add_argument("--torch-threads", type=_whole("torch-threads"), default=None,
+    group.add_argument("--torch-threads", type=whole_number("torch-threads"), default=None,
                        help="torch threads per replica (default: its whole CPUs, at least 1)")
     group.add_argument("--ray-address", default=None,
                        help="join a running cluster ('auto' on one of its nodes) instead of starting a local one")
-    group.add_argument("--ray-num-cpus", type=_whole("ray-num-cpus"), default=None,
+    group.add_argument("--ray-num-cpus", type=whole_number("ray-num-cpus"), default=None,
                        help="CPUs of the local cluster (default: all of this machine's)")
 
 
