@@ -7,9 +7,9 @@ Each name is imported from its submodule on first access, then cached in this mo
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from langchain_adaptquant.lazy import load_export
 from langchain_adaptquant.quiet_start import quiet_third_party_notices
 
 # torchao, torch and bitsandbytes log harmless notices when first imported (also by transformers,
@@ -86,14 +86,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """Import a public name from its submodule on first use (PEP 562) and cache it here."""
-    submodule = _EXPORTS.get(name)
-    if submodule is None:
-        # AttributeError (not ImportError) lets ``from langchain_adaptquant import model_zoo``
-        # fall back to importing the submodule, as it did before.
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value
-    return value
+    return load_export(__name__, _EXPORTS, name, globals())
 
 
 def __dir__() -> list[str]:

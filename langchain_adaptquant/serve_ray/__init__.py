@@ -15,9 +15,9 @@ A Serve config file uses ``import_path: langchain_adaptquant.serve_ray:app_build
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from langchain_adaptquant.lazy import load_export
 from langchain_adaptquant.serve_ray.dependency import RayNotInstalledError, import_ray
 from langchain_adaptquant.serve_ray.probe import ReplicaMemoryProbe, replica_snapshot
 from langchain_adaptquant.serve_ray.settings import (
@@ -55,16 +55,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    submodule = _NEED_RAY.get(name)
-    if submodule is not None:
+    if name in _NEED_RAY:
         import_ray()  # the clear error first, before a submodule's own import fails
-    else:
-        submodule = _LAZY.get(name)
-    if submodule is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value
-    return value
+    return load_export(__name__, {**_LAZY, **_NEED_RAY}, name, globals())
 
 
 def __dir__() -> list[str]:
