@@ -10,7 +10,6 @@ and the health check refreshes the replica's Ray gauges.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from typing import Any, Mapping
@@ -66,7 +65,7 @@ class AdaptQuantReplica:
         budgets = BudgetSettings.from_user_config(user_config)
         number = rank.rank if rank is not None else self.identity.rank
         if number != self.identity.rank:
-            self.identity = dataclasses.replace(self.identity, rank=number)
+            self.identity = self.identity.model_copy(update={"rank": number})
         budget = budgets.for_rank(number)
         logger.info("replica %s (rank %d): memory budget %s", self.identity.replica_id, number,
                     f"{budget:g} GiB" if budget is not None else "none (node memory only)")

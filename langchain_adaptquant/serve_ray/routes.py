@@ -8,7 +8,6 @@ memory, metrics, chat) is the single-server app unchanged, answered by whichever
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
@@ -19,23 +18,10 @@ RANK_HEADER = "x-adaptquant-replica-rank"
 NODE_HEADER = "x-adaptquant-node"
 
 
-@dataclass(frozen=True)
-class ReplicaIdentity:
+class ReplicaIdentity(BaseModel):
     """Where a replica runs; the rank can change when Serve reassigns ranks (then a new record is made)."""
 
-    replica_id: str
-    rank: int
-    node_id: str
-    node_ip: str
-    deployment: str
-    application: str
-    pid: int
-
-
-class ReplicaResponse(BaseModel):
-    """``GET /api/v1/quantization/replica``: the answering replica, its budget and what it decided."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(frozen=True)
 
     replica_id: str
     rank: int
@@ -44,6 +30,13 @@ class ReplicaResponse(BaseModel):
     deployment: str
     application: str
     pid: int
+
+
+class ReplicaResponse(ReplicaIdentity):
+    """``GET /api/v1/quantization/replica``: the answering replica (its identity), its budget and what it decided."""
+
+    model_config = ConfigDict(frozen=False, extra="allow", protected_namespaces=())
+
     memory_budget_gb: Optional[float]
     torch_threads: int
     model: str
@@ -74,7 +67,7 @@ router = APIRouter(tags=["ray"])
 def replica_report(request: Request) -> dict[str, Any]:
     """The replica that answered: identity, budget, level, the memory its policy sees, its switches."""
     view: ReplicaView = request.app.state.replica
-    return {**asdict(view.identity), **view.report()}
+    return {**view.identity.model_dump(), **view.report()}
 
 
 class ReplicaHeaders:
