@@ -67,8 +67,8 @@ from common import (  # noqa: E402
 )
 from langchain_adaptquant import ChatAdaptQuant, PolicyConfig  # noqa: E402
 from langchain_adaptquant.backends.registry import available_levels  # noqa: E402
-from langchain_adaptquant.replay import EXAMPLE_TIMELINE  # noqa: E402
-from langchain_adaptquant.resources import GIB  # noqa: E402
+from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE  # noqa: E402
+from langchain_adaptquant.control.resources import GIB  # noqa: E402
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 PROMPT = "What does json.dumps do?"
@@ -137,7 +137,7 @@ def measure_levels(folder: Path, levels: Sequence[str]) -> dict[str, dict[str, A
 
 def budget_bytes(folder: Path, fp16_share: float) -> int:
     """The scripted machine's size: the model's 16-bit estimate is ``fp16_share`` of it."""
-    from langchain_adaptquant.sizing import size_from_config
+    from langchain_adaptquant.control.sizing import size_from_config
     from transformers import AutoConfig
 
     size = size_from_config(AutoConfig.from_pretrained(str(folder)))

@@ -39,9 +39,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from langchain_adaptquant.accounting import stored_bytes  # noqa: E402
+from langchain_adaptquant.runtime.accounting import stored_bytes  # noqa: E402
 from langchain_adaptquant.backends import all_backends, compute_dtype  # noqa: E402
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION  # noqa: E402
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION  # noqa: E402
 
 #: model -> (in_features, out_features) of its Linear layers: q/o, k/v, gate/up, down.
 SHAPES: dict[str, list[tuple[int, int]]] = {
@@ -278,7 +278,7 @@ def _print_table(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> N
 
 
 def _level(value: str):
-    from langchain_adaptquant.levels import QuantizationLevel
+    from langchain_adaptquant.control.levels import QuantizationLevel
 
     return QuantizationLevel.parse(value)
 

@@ -319,7 +319,7 @@ def layer_row(label: str, level: str, shape: tuple[int, int, bool], quantize: Ca
     import torch
     from torch import nn
 
-    from langchain_adaptquant.accounting import stored_bytes
+    from langchain_adaptquant.runtime.accounting import stored_bytes
     from langchain_adaptquant.backends.base import compute_dtype
 
     in_f, out_f, bias = shape
@@ -436,9 +436,9 @@ def row_line(row: dict[str, Any]) -> str:
 
 
 def make_loader(args: argparse.Namespace) -> Any:
-    from langchain_adaptquant.loader import AdaptiveModelLoader
-    from langchain_adaptquant.manager import DynamicQuantizationManager
-    from langchain_adaptquant.resources import ScriptedProbe
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
+    from langchain_adaptquant.control.manager import DynamicQuantizationManager
+    from langchain_adaptquant.control.resources import ScriptedProbe
 
     kind = Device(args.device).kind
     manager = DynamicQuantizationManager(
@@ -513,7 +513,7 @@ def touch(loaded: Any, dev: Device) -> None:
 
 
 def step_facts(loaded: Any, level: str, dev: Device) -> dict[str, Any]:
-    from langchain_adaptquant.accounting import stored_bytes
+    from langchain_adaptquant.runtime.accounting import stored_bytes
 
     stored = stored_bytes(loaded.model)
     estimated = loaded.size.estimated_bytes(level)

@@ -18,8 +18,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from langchain_adaptquant.manager import DynamicQuantizationManager
-from langchain_adaptquant.resources import SystemMemoryProbe
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
+from langchain_adaptquant.control.resources import SystemMemoryProbe
 
 
 def per_call_us(fn: Callable[[], object], calls: int, label: str) -> dict:

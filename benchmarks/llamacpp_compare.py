@@ -512,7 +512,7 @@ def parse_levels(text: Optional[str]) -> tuple[list[str], list[str]]:
     """(levels to run, notes on levels this CPU has no backend for); unknown names are an error."""
     from langchain_adaptquant.backends.registry import available_levels
     from langchain_adaptquant.errors import InvalidValueError
-    from langchain_adaptquant.levels import QuantizationLevel
+    from langchain_adaptquant.control.levels import QuantizationLevel
 
     here = [level.value for level in available_levels("cpu")]
     if text is None:

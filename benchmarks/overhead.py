@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, reference_model_path
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
 PROMPT = "Explain in one sentence what a Python list is."
 

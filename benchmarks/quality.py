@@ -9,7 +9,7 @@ scale algorithm, and which layers mixed precision keeps one level up), a fresh f
 * held-out perplexity of ``assets/heldout/alice_ch8_9.txt`` (public domain; windows of 512
   predicted tokens after the tokenizer's BOS) and its % over 16-bit;
 * top-1 agreement with 16-bit on that text (share of positions with the same most likely token);
-* the probe prompts of ``langchain_adaptquant.quality.PROBE_PROMPTS`` through the chat template,
+* the probe prompts of ``langchain_adaptquant.runtime.quality.PROBE_PROMPTS`` through the chat template,
   greedy, ``--probe-tokens`` new tokens, batched: how many answers match, how many of those the
   16-bit model also answers ("kept"), and how many answers are degenerate repetition.
 
@@ -40,9 +40,9 @@ from langchain_adaptquant.backends import registry  # noqa: E402
 from langchain_adaptquant.backends.base import QuantizationBackend  # noqa: E402
 from langchain_adaptquant.backends.int2pack import Int2PackBackend  # noqa: E402
 from langchain_adaptquant.backends.torchao import TorchAOBackend  # noqa: E402
-from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION, UNIFORM, MixedPrecision  # noqa: E402
-from langchain_adaptquant.levels import QuantizationLevel  # noqa: E402
-from langchain_adaptquant.quality import (  # noqa: E402
+from langchain_adaptquant.control.layer_plan import DEFAULT_MIXED_PRECISION, UNIFORM, MixedPrecision  # noqa: E402
+from langchain_adaptquant.control.levels import QuantizationLevel  # noqa: E402
+from langchain_adaptquant.runtime.quality import (  # noqa: E402
     PROBE_PROMPTS,
     PROFILE_TOKENS,
     TextScore,

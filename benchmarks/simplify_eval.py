@@ -296,7 +296,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _levels(value: str) -> list[str]:
-    from langchain_adaptquant.levels import QuantizationLevel
+    from langchain_adaptquant.control.levels import QuantizationLevel
 
     try:
         return [QuantizationLevel.parse(part).value for part in value.split(",") if part.strip()]

@@ -169,7 +169,7 @@ def mismatches(report: LoadReport, reference: dict[str, dict[str, str]]) -> list
 def main(argv: Optional[list[str]] = None) -> None:
     from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, PolicyConfig, ScriptedProbe, reference_model_path
     from langchain_adaptquant.backends.registry import available_levels
-    from langchain_adaptquant.loader import AdaptiveModelLoader
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(reference_model_path()))

@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
-from langchain_adaptquant.levels import QuantizationLevel
-from langchain_adaptquant.loader import AdaptiveModelLoader, release_memory
+from langchain_adaptquant.control.levels import QuantizationLevel
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, release_memory
 from langchain_adaptquant.units import MIB as MB
 
 CHAIN = ("int8", "int4", "int2", "int4", "fp16")
@@ -132,7 +132,7 @@ def cold_load(folder: Path, level: str) -> Any:
 def bench_model(name: str, folder: Path, passes: int = 2, layer_cache: bool = True) -> list[dict[str, Any]]:
     manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=256, used_percent=10), snapshot_ttl_s=0)
     # uniform levels: the cold reloads it is compared with quantize every layer at the level
-    from langchain_adaptquant.layer_plan import UNIFORM
+    from langchain_adaptquant.control.layer_plan import UNIFORM
 
     loader = AdaptiveModelLoader(manager=manager, show_progress=False, layer_cache_gb=None if layer_cache else 0,
                                  mixed_precision=UNIFORM)

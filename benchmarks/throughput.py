@@ -41,9 +41,10 @@ from tqdm.auto import tqdm  # noqa: E402
 from common import MB, machine_info, print_table, quiet_loader, read_status, reset_peak, write_json  # noqa: E402
 from levels import bytes_read_per_token, copy_bandwidth  # noqa: E402
 
-from langchain_adaptquant import ChatAdaptQuant, generation  # noqa: E402
-from langchain_adaptquant.load_tracker import nearest_rank  # noqa: E402
-from langchain_adaptquant.loader import LoadedModel  # noqa: E402
+from langchain_adaptquant import ChatAdaptQuant  # noqa: E402
+from langchain_adaptquant.runtime import generation  # noqa: E402
+from langchain_adaptquant.control.load_tracker import nearest_rank  # noqa: E402
+from langchain_adaptquant.runtime.loader import LoadedModel  # noqa: E402
 from langchain_adaptquant.runtime import EngineConfig, GenerationEngine  # noqa: E402
 
 PROMPTS = (

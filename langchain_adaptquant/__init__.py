@@ -1,7 +1,7 @@
 """langchain-adaptquant: a LangChain chat model that adapts its weight precision to memory and load.
 
 Public names are imported lazily (PEP 562): ``import langchain_adaptquant`` costs next to nothing,
-and ``import langchain_adaptquant.loader`` does not pull in the chat model and langchain-core.
+and ``import langchain_adaptquant.runtime.loader`` does not pull in the chat model and langchain-core.
 Each name is imported from its submodule on first access, then cached in this module.
 """
 
@@ -19,14 +19,14 @@ quiet_third_party_notices()
 if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run time
     from langchain_adaptquant.assets import reference_model_path
     from langchain_adaptquant.chat_model import ChatAdaptQuant
+    from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority
+    from langchain_adaptquant.control.load_tracker import LoadStats, LoadTracker
+    from langchain_adaptquant.control.manager import DynamicQuantizationManager, QuantizationConfig, ReoptimizeDecision
+    from langchain_adaptquant.control.policy import Decision, PolicyConfig
+    from langchain_adaptquant.control.resources import CachedProbe, MemorySnapshot, ScriptedProbe, SystemMemoryProbe
+    from langchain_adaptquant.control.sizing import ModelSize, size_from_config, size_from_params
     from langchain_adaptquant.errors import AdaptQuantError, InsufficientMemoryError, InvalidValueError
-    from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
-    from langchain_adaptquant.load_tracker import LoadStats, LoadTracker
-    from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
-    from langchain_adaptquant.manager import DynamicQuantizationManager, QuantizationConfig, ReoptimizeDecision
-    from langchain_adaptquant.policy import Decision, PolicyConfig
-    from langchain_adaptquant.resources import CachedProbe, MemorySnapshot, ScriptedProbe, SystemMemoryProbe
-    from langchain_adaptquant.sizing import ModelSize, size_from_config, size_from_params
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
 
 #: Public name -> the submodule (relative to this package) that defines it.
 _EXPORTS: dict[str, str] = {
@@ -35,25 +35,25 @@ _EXPORTS: dict[str, str] = {
     "AdaptQuantError": "errors",
     "InsufficientMemoryError": "errors",
     "InvalidValueError": "errors",
-    "QuantizationLevel": "levels",
-    "TaskPriority": "levels",
-    "LoadStats": "load_tracker",
-    "LoadTracker": "load_tracker",
-    "AdaptiveModelLoader": "loader",
-    "LoadedModel": "loader",
-    "SwitchRecord": "loader",
-    "DynamicQuantizationManager": "manager",
-    "QuantizationConfig": "manager",
-    "ReoptimizeDecision": "manager",
-    "Decision": "policy",
-    "PolicyConfig": "policy",
-    "CachedProbe": "resources",
-    "MemorySnapshot": "resources",
-    "ScriptedProbe": "resources",
-    "SystemMemoryProbe": "resources",
-    "ModelSize": "sizing",
-    "size_from_config": "sizing",
-    "size_from_params": "sizing",
+    "QuantizationLevel": "control.levels",
+    "TaskPriority": "control.levels",
+    "LoadStats": "control.load_tracker",
+    "LoadTracker": "control.load_tracker",
+    "AdaptiveModelLoader": "runtime.loader",
+    "LoadedModel": "runtime.loader",
+    "SwitchRecord": "runtime.loader",
+    "DynamicQuantizationManager": "control.manager",
+    "QuantizationConfig": "control.manager",
+    "ReoptimizeDecision": "control.manager",
+    "Decision": "control.policy",
+    "PolicyConfig": "control.policy",
+    "CachedProbe": "control.resources",
+    "MemorySnapshot": "control.resources",
+    "ScriptedProbe": "control.resources",
+    "SystemMemoryProbe": "control.resources",
+    "ModelSize": "control.sizing",
+    "size_from_config": "control.sizing",
+    "size_from_params": "control.sizing",
 }
 
 __all__ = [

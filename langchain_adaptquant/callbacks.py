@@ -26,9 +26,9 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
 from langchain_adaptquant.chat_model import REQUANTIZE_EVENT
+from langchain_adaptquant.control.levels import QuantizationLevel, switch_direction
+from langchain_adaptquant.control.load_tracker import nearest_rank
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.levels import QuantizationLevel, switch_direction
-from langchain_adaptquant.load_tracker import nearest_rank
 
 __all__ = [
     "REQUANTIZE_EVENT",

@@ -36,14 +36,14 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from langchain_adaptquant import chat_format, constrained, generation
+from langchain_adaptquant import chat_format, constrained
+from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.generation import GenerationResult
-from langchain_adaptquant.levels import QuantizationLevel, TaskPriority
-from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
-from langchain_adaptquant.manager import DynamicQuantizationManager
 from langchain_adaptquant.pretrained.store import default_chat_model
-from langchain_adaptquant.runtime import GenerationRequest, RequestHandle, Sampling
+from langchain_adaptquant.runtime import GenerationRequest, RequestHandle, Sampling, generation
+from langchain_adaptquant.runtime.generation import GenerationResult
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
 
 REQUANTIZE_EVENT = "adaptquant.requantize"
 
@@ -423,7 +423,7 @@ class ChatAdaptQuant(BaseChatModel):
             "memory": snapshot.to_dict(),
             "model_size_mb": round(loaded.stored_bytes / 2**20, 2),
             "decision_reason": call.reason,
-            # measured top-1 agreement of this level with 16-bit (or "not measured"): langchain_adaptquant.quality
+            # measured top-1 agreement of this level with 16-bit (or "not measured"): langchain_adaptquant.runtime.quality
             "quality": (loaded.quality.entry(level) if loaded.quality is not None
                         else {"agreement": None, "source": "not measured"}),
             "switches": [record.to_dict() for record in call.switches],
@@ -768,7 +768,7 @@ def _json_dumps(value: Any) -> str:
 
 
 def _next_lower(level: QuantizationLevel) -> Optional[QuantizationLevel]:
-    from langchain_adaptquant.levels import LEVELS_BY_PRECISION
+    from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION
 
     index = LEVELS_BY_PRECISION.index(level)
     return LEVELS_BY_PRECISION[index + 1] if index + 1 < len(LEVELS_BY_PRECISION) else None

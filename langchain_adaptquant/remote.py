@@ -22,8 +22,8 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers.openai_tools import make_invalid_tool_call, parse_tool_call
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
+from langchain_adaptquant.control.levels import TaskPriority
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
-from langchain_adaptquant.levels import TaskPriority
 
 #: Seconds an HTTP call may wait for the server when the chat model sets no ``timeout``.
 DEFAULT_TIMEOUT_S = 300.0

@@ -13,9 +13,9 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from langchain_adaptquant.control.levels import QuantizationLevel
+from langchain_adaptquant.control.resources import DEVICES, validate_device
 from langchain_adaptquant.errors import AdaptQuantError, choices
-from langchain_adaptquant.levels import QuantizationLevel
-from langchain_adaptquant.resources import DEVICES, validate_device
 
 #: Device types the package knows how to serve on (defined with the probes that read their memory).
 DEVICE_TYPES: tuple[str, ...] = DEVICES
@@ -199,7 +199,7 @@ class QuantizationBackend(ABC):
 
     def stored_bytes(self, module: nn.Module) -> int:
         """Bytes this module really stores (quantized data, scales, zeros, bias)."""
-        from langchain_adaptquant.accounting import stored_bytes
+        from langchain_adaptquant.runtime.accounting import stored_bytes
 
         return stored_bytes(module)
 

@@ -22,7 +22,7 @@ from langchain_adaptquant.backends.base import (
     compute_dtype,
     device_type,
 )
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.control.levels import QuantizationLevel
 
 _LEVELS = (QuantizationLevel.INT8, QuantizationLevel.INT4)
 _DEVICES = ("cpu", "cuda")

@@ -18,7 +18,7 @@ from langchain_adaptquant.backends.base import (
     device_type,
     linear_with,
 )
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.control.levels import QuantizationLevel
 
 
 class CastBackend(QuantizationBackend):

@@ -40,8 +40,8 @@ from langchain_adaptquant.backends.base import (
     QuantizationBackend,
     device_type,
 )
+from langchain_adaptquant.control.levels import QuantizationLevel
 from langchain_adaptquant.errors import InvalidValueError, choices
-from langchain_adaptquant.levels import QuantizationLevel
 
 #: Group sizes torch's CPU int4 kernel accepts.
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)

@@ -30,8 +30,8 @@ from langchain_adaptquant.backends.cast import CastBackend
 from langchain_adaptquant.backends.int2pack import Int2PackBackend
 from langchain_adaptquant.backends.quanto import QuantoBackend
 from langchain_adaptquant.backends.torchao import TorchAOBackend
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION, QuantizationLevel
 from langchain_adaptquant.errors import InvalidValueError, choices
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel
 
 logger = logging.getLogger(__name__)
 

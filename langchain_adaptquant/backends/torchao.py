@@ -22,8 +22,8 @@ from langchain_adaptquant.backends.base import (
     device_type,
     linear_with,
 )
+from langchain_adaptquant.control.levels import QuantizationLevel
 from langchain_adaptquant.errors import InvalidValueError, choices
-from langchain_adaptquant.levels import QuantizationLevel
 
 #: Smallest first: more scales per weight (0.125 B/weight at 32) but the error a real model's
 #: answers need (benchmarks/quality.py: on SmolLM2-135M, group 128 lost the probe facts that group

@@ -33,8 +33,8 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_core.runnables.config import get_executor_for_config
 from pydantic import BaseModel, Field
 
+from langchain_adaptquant.control.levels import TaskPriority
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.levels import TaskPriority
 from langchain_adaptquant.pipelines import readability
 from langchain_adaptquant.pipelines.chunking import (
     MIN_CHUNK_CHARS,

@@ -12,7 +12,7 @@ import math
 import sys
 from typing import Any, Callable, Optional
 
-from langchain_adaptquant.argtypes import priority
+from langchain_adaptquant.cli.argtypes import priority
 from langchain_adaptquant.errors import AdaptQuantError
 
 __all__ = ["add_simplify_command", "run_simplify"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from langchain_adaptquant.control.levels import TaskPriority
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.levels import TaskPriority
 
 __all__ = [
     "MAX_GRADE",

@@ -24,10 +24,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
-from langchain_adaptquant.generation import GenerationResult, TextWatch, eos_ids
 from langchain_adaptquant.runtime.attention import BUCKET, MODES, row_groups, use_row_attention
 from langchain_adaptquant.runtime.cache import BatchCache, packed_cache, supports_row_batching
 from langchain_adaptquant.runtime.gate import StepGate
+from langchain_adaptquant.runtime.generation import GenerationResult, TextWatch, eos_ids
 from langchain_adaptquant.runtime.kv import KVLayout, kv_layout
 from langchain_adaptquant.runtime.requests import GenerationRequest, Progress, RequestHandle
 from langchain_adaptquant.runtime.sampling import RowSampler, next_tokens

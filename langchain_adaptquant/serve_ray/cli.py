@@ -10,7 +10,7 @@ import argparse
 import math
 from typing import Optional, Sequence
 
-from langchain_adaptquant.argtypes import positive_number, whole_number
+from langchain_adaptquant.cli.argtypes import positive_number, whole_number
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.serve_ray.settings import BudgetSettings, ReplicaSettings, ScalingSettings
 from langchain_adaptquant.server.security import check_bind
@@ -108,8 +108,8 @@ def settings_from_args(args: argparse.Namespace, model: str, token: Optional[str
 
 def run(args: argparse.Namespace, model: str, token: Optional[str]) -> int:
     """``adaptquant serve --ray``: check everything, then deploy and serve until stopped."""
+    from langchain_adaptquant.runtime.weights import resolve_model_folder
     from langchain_adaptquant.serve_ray.dependency import import_ray
-    from langchain_adaptquant.weights import resolve_model_folder
 
     resolve_model_folder(model)  # a missing model is an error before any cluster starts
     replica, scaling, budgets = settings_from_args(args, model, token)

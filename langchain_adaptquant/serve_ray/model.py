@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
+from langchain_adaptquant.control.resources import GIB, MemoryProbe
 from langchain_adaptquant.errors import AdaptQuantError, InsufficientMemoryError
-from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
-from langchain_adaptquant.manager import DynamicQuantizationManager
-from langchain_adaptquant.resources import GIB, MemoryProbe
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
+from langchain_adaptquant.runtime.weights import resolve_model_folder
 from langchain_adaptquant.serve_ray.probe import ReplicaMemoryProbe
 from langchain_adaptquant.serve_ray.settings import ReplicaSettings
-from langchain_adaptquant.weights import resolve_model_folder
 
 
 class ReplicaBudgetError(AdaptQuantError):

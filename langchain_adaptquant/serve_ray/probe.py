@@ -14,7 +14,13 @@ import dataclasses
 import threading
 from typing import Optional
 
-from langchain_adaptquant.resources import GIB, MemoryProbe, MemorySnapshot, SystemMemoryProbe, validate_budget_gb
+from langchain_adaptquant.control.resources import (
+    GIB,
+    MemoryProbe,
+    MemorySnapshot,
+    SystemMemoryProbe,
+    validate_budget_gb,
+)
 
 #: ``limit_source`` of a snapshot whose total is the replica's budget.
 REPLICA_LIMIT = "replica budget"

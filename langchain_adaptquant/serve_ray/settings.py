@@ -16,8 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
+from langchain_adaptquant.control.resources import validate_budget_gb
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.resources import validate_budget_gb
 
 #: The deployment's name inside the Serve application (config files refer to it).
 DEPLOYMENT_NAME = "AdaptQuantReplica"

@@ -22,8 +22,8 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from langchain_adaptquant.callbacks import TelemetryRecorder
-from langchain_adaptquant.loader import AdaptiveModelLoader
-from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 from langchain_adaptquant.server import chat, monitoring
 from langchain_adaptquant.server.context import Allowlist, build_context
 from langchain_adaptquant.server.errors import install_error_handlers

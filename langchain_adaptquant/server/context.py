@@ -15,12 +15,12 @@ from fastapi import Depends, Request
 
 from langchain_adaptquant.callbacks import AsyncQuantizationTelemetryHandler, TelemetryRecorder
 from langchain_adaptquant.chat_model import ChatAdaptQuant
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel
-from langchain_adaptquant.manager import DynamicQuantizationManager
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel
+from langchain_adaptquant.runtime.weights import resolve_model_folder
 from langchain_adaptquant.server.errors import APIError
 from langchain_adaptquant.server.security import InFlightLimiter
-from langchain_adaptquant.weights import resolve_model_folder
 
 Allowlist = Union[Mapping[str, Union[str, Path]], Sequence[Union[str, Path]], None]
 

@@ -59,8 +59,8 @@ def serve(
     """Serve ``model`` until interrupted; returns the process exit status."""
     import uvicorn
 
-    from langchain_adaptquant.loader import AdaptiveModelLoader
-    from langchain_adaptquant.manager import DynamicQuantizationManager
+    from langchain_adaptquant.control.manager import DynamicQuantizationManager
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
     from langchain_adaptquant.server.app import create_app
 
     check_bind(host, token)

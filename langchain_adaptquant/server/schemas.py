@@ -12,8 +12,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from langchain_adaptquant.levels import TaskPriority
-from langchain_adaptquant.manager import QuantizationConfig
+from langchain_adaptquant.control.levels import TaskPriority
+from langchain_adaptquant.control.manager import QuantizationConfig
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

@@ -26,9 +26,9 @@ from langchain_adaptquant import (
     TaskPriority,
 )
 from langchain_adaptquant.backends.base import UnsupportedLevelError
-from langchain_adaptquant.cli import main as cli_main
+from langchain_adaptquant.cli.main import main as cli_main
 from langchain_adaptquant.errors import ModelNotFoundError, UnsupportedArchitectureError, WeightsError
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from langchain_adaptquant.backends.registry import available_levels
-from langchain_adaptquant.replay import EXAMPLE_TIMELINE
+from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 LEVELS = [level.value for level in available_levels("cpu")]

@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
 from langchain_adaptquant.chat_model import REQUANTIZE_EVENT, ChatAdaptQuant
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
 
 class Recorder(BaseCallbackHandler):
@@ -230,7 +230,7 @@ def test_prepare_levels_quantizes_in_the_background_so_the_first_downgrade_is_a_
     assert thread is not None and thread.name.startswith("adaptquant-prepare")
     thread.join(120)
     layers = len(loaded.layer_backends)
-    from langchain_adaptquant.layer_plan import plan_levels
+    from langchain_adaptquant.control.layer_plan import plan_levels
 
     at_int2 = sum(level.value == "int2" for level in plan_levels(loaded.layer_backends, "int2", loader.mixed_precision).values())
     # mixed precision: layers an INT2 model keeps at INT4 are the INT4 entries already there

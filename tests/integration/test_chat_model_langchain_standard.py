@@ -18,7 +18,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe, reference_model_path
 from langchain_adaptquant.chat_model import ChatAdaptQuant
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
 pytestmark = pytest.mark.slow
 

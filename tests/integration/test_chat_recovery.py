@@ -18,7 +18,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
 from langchain_adaptquant.chat_model import REQUANTIZE_EVENT, ChatAdaptQuant
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
 
 class OutOfMemoryOnce:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, ScriptedProbe
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
 
 class ForcedText(LogitsProcessor):

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from langchain_adaptquant.cli import main
+from langchain_adaptquant.cli.main import main
 from langchain_adaptquant.server.security import check_bind, is_loopback
 
 EXE = str(Path(sys.executable).with_name("adaptquant"))

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe, generation
+from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
+from langchain_adaptquant.runtime import generation
 from langchain_adaptquant.backends.registry import available_levels
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 from langchain_adaptquant.runtime import (
     EngineBusyError,
     EngineClosedError,

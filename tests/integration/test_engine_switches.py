@@ -11,7 +11,7 @@ import torch
 
 from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, PolicyConfig, ScriptedProbe
 from langchain_adaptquant.chat_model import REQUANTIZE_EVENT
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 from langchain_adaptquant.runtime import GenerationRequest
 
 # memory-forced downgrades at once; load-only downgrades and upgrades never (so only the scripted

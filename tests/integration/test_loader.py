@@ -19,7 +19,7 @@ from langchain_adaptquant.errors import (
     UnsupportedArchitectureError,
     WeightsError,
 )
-from langchain_adaptquant.loader import AdaptiveModelLoader, quantizable_linears
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, quantizable_linears
 
 FP16, INT8, INT4, INT2 = (QuantizationLevel.FP16, QuantizationLevel.INT8, QuantizationLevel.INT4, QuantizationLevel.INT2)
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12, 5]])
@@ -270,7 +270,7 @@ def test_bad_level_and_priority(tiny_llama_dir):
 
 
 def test_switching_back_to_a_level_reads_the_layer_cache_bit_exactly(tiny_llama_dir, tmp_path, monkeypatch):
-    from langchain_adaptquant.layer_plan import UNIFORM
+    from langchain_adaptquant.control.layer_plan import UNIFORM
 
     loader = make_loader(cache_dir=tmp_path, mixed_precision=UNIFORM)  # every layer at each level
     loaded = loader.load_model(tiny_llama_dir, force_quantization="fp16")
@@ -282,7 +282,7 @@ def test_switching_back_to_a_level_reads_the_layer_cache_bit_exactly(tiny_llama_
         first[level] = (logits(loaded), loaded.stored_bytes, loaded.backend_summary())
         assert loader.layer_cache.flush(timeout=60)
     assert loader.stats()[0]["layer_cache"] == {"int8": layers, "int4": layers, "int2": layers}
-    import langchain_adaptquant.loader as loader_module
+    import langchain_adaptquant.runtime.loader as loader_module
 
     dropped = []
     real_drop = loader_module.drop_file_pages
@@ -306,7 +306,7 @@ def test_switching_back_to_a_level_reads_the_layer_cache_bit_exactly(tiny_llama_
 
 
 def test_mixed_precision_keeps_its_int4_layers_in_place_when_going_to_int2(tiny_llama_dir, tmp_path):
-    from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION
+    from langchain_adaptquant.control.layer_plan import DEFAULT_MIXED_PRECISION
 
     loader = make_loader(cache_dir=tmp_path, mixed_precision=DEFAULT_MIXED_PRECISION)
     loaded = loader.load_model(tiny_llama_dir, force_quantization="int4")

@@ -79,7 +79,7 @@ def test_pull_with_pip_from_a_folder_converts_a_gguf_that_computes_like_its_sour
 @pytest.mark.slow
 def test_a_pulled_model_is_served_and_reports_its_source_format(pulled):
     from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, ScriptedProbe
-    from langchain_adaptquant.loader import AdaptiveModelLoader
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
     path, _, _ = pulled
     manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=16, used_percent=10), snapshot_ttl_s=0)
@@ -170,7 +170,7 @@ def test_a_missing_model_names_the_command_that_pulls_it(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTQUANT_CACHE_DIR", str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="adaptquant models pull smollm2-135m"):
         pretrained.model_path("smollm2-135m")
-    from langchain_adaptquant.weights import resolve_model_folder
+    from langchain_adaptquant.runtime.weights import resolve_model_folder
 
     with pytest.raises(ModelNotFoundError, match="has not been pulled"):
         resolve_model_folder("gemma3-270m")
@@ -197,7 +197,7 @@ def _cli(*args: str, env_cache: Path) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "ADAPTQUANT_CACHE_DIR": str(env_cache), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "langchain_adaptquant.cli", "models", *args],
+    return subprocess.run([sys.executable, "-m", "langchain_adaptquant.cli.main", "models", *args],
                           capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -226,7 +226,7 @@ REAL = pytest.mark.skipif(not pretrained.is_pulled("smollm2-135m"),
 @pytest.mark.slow
 def test_the_real_model_kept_its_pinned_gguf_and_answers_a_fact():
     from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, ScriptedProbe
-    from langchain_adaptquant.loader import AdaptiveModelLoader
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
     folder = pretrained.model_path("smollm2-135m")
     source = store.read_source(folder)

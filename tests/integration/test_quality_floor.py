@@ -11,7 +11,7 @@ import pytest
 
 from langchain_adaptquant import AdaptiveModelLoader, DynamicQuantizationManager, PolicyConfig, ScriptedProbe
 from langchain_adaptquant.assets import reference_model_path
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.control.levels import QuantizationLevel
 
 INT4, INT2 = QuantizationLevel.INT4, QuantizationLevel.INT2
 

@@ -22,7 +22,7 @@ from langchain_adaptquant.backends.registry import (
     unregister_backend,
 )
 from langchain_adaptquant.errors import SwitchError
-from langchain_adaptquant.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 from langchain_adaptquant.units import GIB
 
 FAST = PolicyConfig(upgrade_cooldown_s=0.3, load_downgrade_delay_s=0.3)

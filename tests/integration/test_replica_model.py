@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from langchain_adaptquant import reference_model_path
-from langchain_adaptquant.resources import GIB, ScriptedProbe
+from langchain_adaptquant.control.resources import GIB, ScriptedProbe
 from langchain_adaptquant.serve_ray.model import ReplicaBudgetError, ReplicaModel
 from langchain_adaptquant.serve_ray.probe import REPLICA_LIMIT
 from langchain_adaptquant.serve_ray.settings import ReplicaSettings

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from langchain_adaptquant.chat_model import ChatAdaptQuant  # noqa: E402
-from langchain_adaptquant.levels import QuantizationLevel  # noqa: E402
+from langchain_adaptquant.control.levels import QuantizationLevel  # noqa: E402
 from langchain_adaptquant.pipelines import simplify_text  # noqa: E402
 
 PASSAGE = (

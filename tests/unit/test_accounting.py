@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from langchain_adaptquant.accounting import stored_bytes, stored_bytes_by_module
+from langchain_adaptquant.runtime.accounting import stored_bytes, stored_bytes_by_module
 from langchain_adaptquant.backends import get_backend, quantize_linear_with_fallback
 from langchain_adaptquant.backends import bitsandbytes as bnb_backend
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.control.levels import QuantizationLevel
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:

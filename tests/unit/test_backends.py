@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from langchain_adaptquant.accounting import stored_bytes
+from langchain_adaptquant.runtime.accounting import stored_bytes
 from langchain_adaptquant.backends import (
     BackendError,
     UnsupportedLevelError,
@@ -28,7 +28,7 @@ from langchain_adaptquant.backends import bitsandbytes as bnb_backend
 from langchain_adaptquant.backends.quanto import QuantoBackend
 from langchain_adaptquant.backends.torchao import TorchAOBackend
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.control.levels import QuantizationLevel
 
 FP16, INT8, INT4, INT2 = (QuantizationLevel.FP16, QuantizationLevel.INT8, QuantizationLevel.INT4, QuantizationLevel.INT2)
 

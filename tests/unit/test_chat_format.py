@@ -14,7 +14,7 @@ from langchain_adaptquant.chat_format import (
     tools_system_prompt,
     validate_tool_choice,
 )
-from langchain_adaptquant.generation import TextWatch
+from langchain_adaptquant.runtime.generation import TextWatch
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from langchain_adaptquant.cli import main
+from langchain_adaptquant.cli.main import main
 
 
 def run(capsys, *argv):

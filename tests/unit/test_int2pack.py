@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from langchain_adaptquant.accounting import stored_bytes
+from langchain_adaptquant.runtime.accounting import stored_bytes
 from langchain_adaptquant.backends.base import BackendError
 from langchain_adaptquant.backends.int2pack import Int2PackBackend, Int2PackedLinear, quantize_int2
 from langchain_adaptquant.errors import InvalidValueError

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from langchain_adaptquant.accounting import stored_bytes
+from langchain_adaptquant.runtime.accounting import stored_bytes
 from langchain_adaptquant.backends.registry import all_backends
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.layer_cache import LayerCache, filesystem_type, validate_layer_cache_gb
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.runtime.layer_cache import LayerCache, filesystem_type, validate_layer_cache_gb
+from langchain_adaptquant.control.levels import QuantizationLevel
 
 INT8, INT4 = QuantizationLevel.INT8, QuantizationLevel.INT4
 
@@ -136,7 +136,7 @@ def test_bad_budget_names_the_value(bad):
 
 @pytest.mark.parametrize("name, bad", [("layer_cache_gb", -0.5), ("cache_budget_gb", 0), ("cache_budget_gb", "1")])
 def test_loader_budgets_name_their_own_argument(tmp_path, name, bad):
-    from langchain_adaptquant.loader import AdaptiveModelLoader
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
     with pytest.raises(InvalidValueError, match=f"invalid {name}: "):
         AdaptiveModelLoader(cache_dir=tmp_path, show_progress=False, **{name: bad})

@@ -3,16 +3,16 @@
 import pytest
 
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.layer_plan import (
+from langchain_adaptquant.control.layer_plan import (
     DEFAULT_MIXED_PRECISION,
     UNIFORM,
     MixedPrecision,
     block_index,
     plan_levels,
 )
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.control.levels import QuantizationLevel
 from langchain_adaptquant.model_zoo import model_config
-from langchain_adaptquant.sizing import DEFAULT_LAYOUTS, size_from_config, size_from_params
+from langchain_adaptquant.control.sizing import DEFAULT_LAYOUTS, size_from_config, size_from_params
 
 INT8, INT4, INT2 = QuantizationLevel.INT8, QuantizationLevel.INT4, QuantizationLevel.INT2
 NAMES = [f"model.layers.{b}.{kind}" for b in range(8) for kind in

@@ -29,7 +29,7 @@ def test_importing_the_loader_leaves_chat_model_and_langchain_out():
     code = (
         "import sys, langchain_adaptquant\n"
         "assert 'torch' not in sys.modules, 'package import pulled in torch'\n"
-        "import langchain_adaptquant.loader\n"
+        "import langchain_adaptquant.runtime.loader\n"
         "bad = [m for m in ('langchain_core', 'langchain_adaptquant.chat_model') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -1,7 +1,7 @@
 import pytest
 
 from langchain_adaptquant import InvalidValueError, QuantizationLevel, TaskPriority
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION
 
 
 @pytest.mark.parametrize("text", ["int4", "INT4", " Int4 ", QuantizationLevel.INT4])

@@ -13,7 +13,7 @@ from langchain_adaptquant import (
 )
 from langchain_adaptquant.backends.registry import replaced_backend
 from langchain_adaptquant.backends.torchao import TorchAOBackend
-from langchain_adaptquant.replay import EXAMPLE_TIMELINE, replay
+from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE, replay
 
 ALL = list(QuantizationLevel)
 

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from langchain_adaptquant import InsufficientMemoryError, QuantizationLevel, TaskPriority
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION
-from langchain_adaptquant.policy import (
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION
+from langchain_adaptquant.control.policy import (
     DECISION_MATRIX,
     HysteresisState,
     PolicyConfig,
@@ -20,7 +20,7 @@ from langchain_adaptquant.policy import (
     decision_table,
     matrix_level,
 )
-from langchain_adaptquant.sizing import size_from_params
+from langchain_adaptquant.control.sizing import size_from_params
 from langchain_adaptquant.units import GIB
 
 FP16, INT8, INT4, INT2 = LEVELS_BY_PRECISION

@@ -1,8 +1,8 @@
 """The KV cache of the requests in flight moves the policy's projected memory (pure functions, a table)."""
 
 from langchain_adaptquant import TaskPriority
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION
-from langchain_adaptquant.policy import PolicyConfig, PolicyInputs, apply_hysteresis, decide, HysteresisState
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION
+from langchain_adaptquant.control.policy import PolicyConfig, PolicyInputs, apply_hysteresis, decide, HysteresisState
 from langchain_adaptquant.units import GIB
 
 FP16, INT8, INT4, INT2 = LEVELS_BY_PRECISION

@@ -3,9 +3,9 @@
 import pytest
 from pydantic import ValidationError
 
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION, TaskPriority
-from langchain_adaptquant.policy import PolicyConfig, PolicyInputs, decide
-from langchain_adaptquant.quality import PROBE_PROMPTS, TextScore, answer_matches, is_degenerate
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION, TaskPriority
+from langchain_adaptquant.control.policy import PolicyConfig, PolicyInputs, decide
+from langchain_adaptquant.runtime.quality import PROBE_PROMPTS, TextScore, answer_matches, is_degenerate
 from langchain_adaptquant.units import GIB
 
 FP16, INT8, INT4, INT2 = LEVELS_BY_PRECISION
@@ -82,7 +82,7 @@ def test_text_score_agreement_and_perplexity():
 
 
 def test_a_damaged_or_foreign_profile_file_is_ignored(tmp_path):
-    from langchain_adaptquant.quality import PROFILE_METHOD, QualityProfile
+    from langchain_adaptquant.runtime.quality import PROFILE_METHOD, QualityProfile
 
     path = tmp_path / "p.json"
     path.write_text('{"key": "k", "recipe": "r", "method": "%s", "levels": {"int3": {"agreement": 1}}}' % PROFILE_METHOD)

@@ -28,15 +28,15 @@ def _noise_in(text: str) -> list[str]:
 
 @pytest.mark.parametrize("argv", [("--help",), ("calculate", "--params", "7")])
 def test_cli_start_has_none_of_the_library_notices(argv):
-    result = _run("langchain_adaptquant.cli", *argv, module=True)
+    result = _run("langchain_adaptquant.cli.main", *argv, module=True)
     assert result.returncode == 0, result.stderr
     assert _noise_in(result.stdout + result.stderr) == []
 
 
 def test_verbose_lets_the_notices_through():
     """The filter is what removes them (not their absence on this machine): --verbose shows them again."""
-    quiet = _run("langchain_adaptquant.cli", "calculate", "--params", "7", module=True)
-    loud = _run("langchain_adaptquant.cli", "--verbose", "calculate", "--params", "7", module=True)
+    quiet = _run("langchain_adaptquant.cli.main", "calculate", "--params", "7", module=True)
+    loud = _run("langchain_adaptquant.cli.main", "--verbose", "calculate", "--params", "7", module=True)
     assert quiet.returncode == loud.returncode == 0
     assert _noise_in(quiet.stderr) == []
     if not _noise_in(loud.stderr):

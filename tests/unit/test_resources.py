@@ -5,7 +5,7 @@ import psutil
 import pytest
 
 from langchain_adaptquant import CachedProbe, InvalidValueError, ScriptedProbe, SystemMemoryProbe
-from langchain_adaptquant.resources import GIB, apply_budget, read_cgroup_limit
+from langchain_adaptquant.control.resources import GIB, apply_budget, read_cgroup_limit
 
 
 def write(path, text):

@@ -10,7 +10,7 @@ import pytest
 from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
 from langchain_adaptquant import InvalidValueError
-from langchain_adaptquant.generation import GenerationResult
+from langchain_adaptquant.runtime.generation import GenerationResult
 from langchain_adaptquant.runtime import GenerationRequest, KVLayout, RequestHandle, Sampling, StepGate, kv_layout
 
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from langchain_adaptquant.cli import main
+from langchain_adaptquant.cli.main import main
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.resources import GIB, ScriptedProbe, SystemMemoryProbe
+from langchain_adaptquant.control.resources import GIB, ScriptedProbe, SystemMemoryProbe
 from langchain_adaptquant.serve_ray import BudgetSettings, ReplicaMemoryProbe, ReplicaSettings, ScalingSettings
 from langchain_adaptquant.serve_ray.probe import REPLICA_LIMIT, replica_snapshot
 
@@ -57,7 +57,7 @@ def test_without_ray_the_serve_parts_name_the_extra_and_settings_still_work():
 
 def test_without_ray_the_cli_exits_2_naming_the_extra():
     done = run_without_ray(
-        "import sys\nfrom langchain_adaptquant.cli import main\n"
+        "import sys\nfrom langchain_adaptquant.cli.main import main\n"
         "sys.exit(main(['serve', '--ray', '--replicas', '2']))\n"
     )
     assert done.returncode == 2, done.stdout + done.stderr

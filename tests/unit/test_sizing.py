@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from langchain_adaptquant import InvalidValueError, QuantizationLevel
-from langchain_adaptquant.sizing import DEFAULT_LAYOUTS, LevelLayout, size_from_config, size_from_model, size_from_params, size_of
+from langchain_adaptquant.control.sizing import DEFAULT_LAYOUTS, LevelLayout, size_from_config, size_from_model, size_from_params, size_of
 
 LLAMA = LlamaConfig(
     vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,

@@ -17,7 +17,7 @@ head), ``rows`` their summed ``out_features`` and ``U`` all other parameters, ea
 (tied embeddings are one tensor). The per-level layout constants below are the defaults of the
 backends we prefer on CPU and CUDA; a backend can pass its own :class:`LevelLayout`.
 
-With mixed precision (:mod:`langchain_adaptquant.layer_plan`) some layers are stored one level up;
+With mixed precision (:mod:`langchain_adaptquant.control.layer_plan`) some layers are stored one level up;
 a size that knows its Linear shapes (from a model or config) sums them layer by layer at their
 planned levels. A bare parameter count has no layer names, so there the rule's share of weights
 is taken from Llama-2-7B's layout (32 blocks of 4096x4096 attention and 4096x11008 MLP).
@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from langchain_adaptquant.control.layer_plan import UNIFORM, MixedPrecision, count_blocks, one_level_up
+from langchain_adaptquant.control.levels import QuantizationLevel
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.layer_plan import UNIFORM, MixedPrecision, count_blocks, one_level_up
-from langchain_adaptquant.levels import QuantizationLevel
 from langchain_adaptquant.units import GIB
 
 #: Share of parameters that stay 16-bit when only a parameter count is known. A Llama-2-7B has

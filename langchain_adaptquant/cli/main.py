@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Mapping, Optional, Sequence, cast
 
-from langchain_adaptquant.argtypes import positive_number, priority, whole_number
+from langchain_adaptquant.cli.argtypes import positive_number, priority, whole_number
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
 
 _params = positive_number("params", expected="a number of billions, e.g. 7")
@@ -41,7 +41,7 @@ def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from langchain_adaptquant.manager import DynamicQuantizationManager
+    from langchain_adaptquant.control.manager import DynamicQuantizationManager
 
     return DynamicQuantizationManager(memory_budget_gb=getattr(args, "memory_budget_gb", None))
 
@@ -99,7 +99,7 @@ def _model_path(value: Optional[str]) -> str:
 
 def cmd_live_demo(args: argparse.Namespace) -> int:
     """The documented example timeline against a real model: real generation, real switches, a live table."""
-    from langchain_adaptquant.demo import progress_line, render, run_demo, switch_lines, transcript_lines
+    from langchain_adaptquant.cli.demo import progress_line, render, run_demo, switch_lines, transcript_lines
 
     try:
         from rich.console import Console
@@ -147,7 +147,7 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from langchain_adaptquant.replay import EXAMPLE_HOST_GB, replay
+    from langchain_adaptquant.control.replay import EXAMPLE_HOST_GB, replay
 
     args.total_gb = args.total_gb or EXAMPLE_HOST_GB
     rows = replay(model_size_params=args.params, task_priority=args.priority, total_gb=args.total_gb)
@@ -193,9 +193,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from langchain_core.messages import AIMessage, HumanMessage
 
     from langchain_adaptquant.chat_model import ChatAdaptQuant
-    from langchain_adaptquant.loader import AdaptiveModelLoader
-    from langchain_adaptquant.manager import DynamicQuantizationManager
-    from langchain_adaptquant.weights import resolve_model_folder
+    from langchain_adaptquant.control.manager import DynamicQuantizationManager
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
+    from langchain_adaptquant.runtime.weights import resolve_model_folder
 
     model = _model_path(args.model)
     resolve_model_folder(model)  # a missing model is an error before the prompt appears

@@ -12,9 +12,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from langchain_adaptquant.levels import QuantizationLevel, TaskPriority, switch_direction
-from langchain_adaptquant.manager import DynamicQuantizationManager
-from langchain_adaptquant.resources import GIB, ScriptedProbe
+from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority, switch_direction
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
+from langchain_adaptquant.control.resources import GIB, ScriptedProbe
 
 #: The documented 10:00-11:00 example (docs/DYNAMIC_QUANTIZATION.md, section 2): (clock, memory used %, requests in flight), fifteen minutes apart.
 EXAMPLE_TIMELINE: tuple[tuple[str, float, int], ...] = (

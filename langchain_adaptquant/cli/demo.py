@@ -18,13 +18,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from langchain_adaptquant.callbacks import QuantizationTelemetryHandler
 from langchain_adaptquant.chat_model import ChatAdaptQuant
-from langchain_adaptquant.levels import TaskPriority
-from langchain_adaptquant.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, process_memory
-from langchain_adaptquant.manager import DynamicQuantizationManager
-from langchain_adaptquant.replay import EXAMPLE_TIMELINE
-from langchain_adaptquant.resources import ScriptedProbe
+from langchain_adaptquant.control.levels import TaskPriority
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
+from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE
+from langchain_adaptquant.control.resources import ScriptedProbe
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, process_memory
+from langchain_adaptquant.runtime.weights import resolve_model_folder
 from langchain_adaptquant.units import MIB as MB
-from langchain_adaptquant.weights import resolve_model_folder
 
 #: Questions the reference model was trained around (the standard library's documentation).
 PROMPTS = (

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from langchain_adaptquant.levels import QuantizationLevel
+from langchain_adaptquant.control.levels import QuantizationLevel
 
-HELDOUT_DIR = Path(__file__).resolve().parent / "assets" / "heldout"
+HELDOUT_DIR = Path(__file__).resolve().parent.parent / "assets" / "heldout"
 HELDOUT_TEXT = HELDOUT_DIR / "alice_ch8_9.txt"
 #: Tokens of the held-out text's start that the runtime profile scores: one forward pass, small
 #: enough to cost a fraction of a second on a 135M model and a few seconds on a 7B one on CPU.

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION, QuantizationLevel
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 

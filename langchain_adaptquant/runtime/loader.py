@@ -33,9 +33,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from langchain_adaptquant.accounting import stored_bytes
 from langchain_adaptquant.backends.base import UnsupportedLevelError, compute_dtype, linear_with
 from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback, recipe
+from langchain_adaptquant.control.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision, plan_levels
+from langchain_adaptquant.control.levels import QuantizationLevel, SwitchDirection, TaskPriority, switch_direction
+from langchain_adaptquant.control.manager import DynamicQuantizationManager
+from langchain_adaptquant.control.resources import GIB, process_memory, validate_budget_gb
+from langchain_adaptquant.control.sizing import ModelSize, size_from_model, size_of
 from langchain_adaptquant.errors import (
     AdaptQuantError,
     InsufficientMemoryError,
@@ -43,15 +47,17 @@ from langchain_adaptquant.errors import (
     UnsupportedArchitectureError,
     WeightsError,
 )
-from langchain_adaptquant.layer_cache import LayerCache
-from langchain_adaptquant.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision, plan_levels
-from langchain_adaptquant.levels import QuantizationLevel, SwitchDirection, TaskPriority, switch_direction
-from langchain_adaptquant.manager import DynamicQuantizationManager
-from langchain_adaptquant.quality import PROFILE_TOKENS, QualityProfile, heldout_text, text_ids, weights_fingerprint
-from langchain_adaptquant.resources import GIB, process_memory, validate_budget_gb
+from langchain_adaptquant.runtime.accounting import stored_bytes
 from langchain_adaptquant.runtime.gate import StepGate
-from langchain_adaptquant.sizing import ModelSize, size_from_model, size_of
-from langchain_adaptquant.weights import WeightSource, resolve_model_folder
+from langchain_adaptquant.runtime.layer_cache import LayerCache
+from langchain_adaptquant.runtime.quality import (
+    PROFILE_TOKENS,
+    QualityProfile,
+    heldout_text,
+    text_ids,
+    weights_fingerprint,
+)
+from langchain_adaptquant.runtime.weights import WeightSource, resolve_model_folder
 
 if TYPE_CHECKING:
     from langchain_adaptquant.runtime.engine import EngineConfig, GenerationEngine
@@ -386,11 +392,11 @@ class AdaptiveModelLoader:
         quality_dir: Optional[str | Path] = None,
     ) -> None:
         """``layer_cache_gb`` bounds the disk used to keep quantized layers for switching back to a
-        level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.layer_cache`.
+        level (None: up to half the free disk, 0: off); see :mod:`langchain_adaptquant.runtime.layer_cache`.
         ``engine_config`` sizes each model's generation engine (batch, queue, threads).
-        ``mixed_precision`` names the layers kept one level up (see :mod:`langchain_adaptquant.layer_plan`).
+        ``mixed_precision`` names the layers kept one level up (see :mod:`langchain_adaptquant.control.layer_plan`).
         ``measure_quality``: score each level once per model against 16-bit (one forward pass of
-        the quality probe on first visit; see :mod:`langchain_adaptquant.quality`). The profile
+        the quality probe on first visit; see :mod:`langchain_adaptquant.runtime.quality`). The profile
         lives with the cached model; with ``quality_dir`` it is also kept there as
         ``<weights fingerprint>.json`` and read back by later loads of the same weights."""
         if not isinstance(mixed_precision, MixedPrecision):

@@ -10,8 +10,8 @@ import argparse
 import math
 from typing import Callable
 
+from langchain_adaptquant.control.levels import TaskPriority
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.levels import TaskPriority
 
 
 def priority(value: str) -> str:

@@ -18,10 +18,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from langchain_adaptquant.errors import InsufficientMemoryError
-from langchain_adaptquant.levels import LEVELS_BY_PRECISION, QuantizationLevel, TaskPriority
-from langchain_adaptquant.load_tracker import LoadTracker
-from langchain_adaptquant.policy import (
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION, QuantizationLevel, TaskPriority
+from langchain_adaptquant.control.load_tracker import LoadTracker
+from langchain_adaptquant.control.policy import (
     Decision,
     HysteresisState,
     PolicyConfig,
@@ -31,7 +30,7 @@ from langchain_adaptquant.policy import (
     decide,
     decision_table,
 )
-from langchain_adaptquant.resources import (
+from langchain_adaptquant.control.resources import (
     GIB,
     CachedProbe,
     MemoryProbe,
@@ -39,7 +38,8 @@ from langchain_adaptquant.resources import (
     SystemMemoryProbe,
     validate_budget_gb,
 )
-from langchain_adaptquant.sizing import ModelSize, size_of
+from langchain_adaptquant.control.sizing import ModelSize, size_of
+from langchain_adaptquant.errors import InsufficientMemoryError
 
 logger = logging.getLogger(__name__)
 

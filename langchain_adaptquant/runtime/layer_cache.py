@@ -38,8 +38,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from langchain_adaptquant.levels import QuantizationLevel
-from langchain_adaptquant.resources import validate_budget_gb
+from langchain_adaptquant.control.levels import QuantizationLevel
+from langchain_adaptquant.control.resources import validate_budget_gb
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class LayerCache:
         return self._folder / model / level / f"{layer}.pt"  # type: ignore[operator]
 
     def _write(self, module: nn.Module, model_key: str, level: str, layer: str, backend: str) -> bool:
-        from langchain_adaptquant.accounting import stored_bytes
+        from langchain_adaptquant.runtime.accounting import stored_bytes
 
         nbytes = stored_bytes(module)
         folder = self._folder

@@ -29,14 +29,14 @@ from typing import Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from langchain_adaptquant.errors import InsufficientMemoryError
-from langchain_adaptquant.levels import (
+from langchain_adaptquant.control.levels import (
     LEVELS_BY_PRECISION,
     QuantizationLevel,
     SwitchDirection,
     TaskPriority,
     switch_direction,
 )
+from langchain_adaptquant.errors import InsufficientMemoryError
 from langchain_adaptquant.units import GIB
 
 FP16, INT8, INT4, INT2 = (

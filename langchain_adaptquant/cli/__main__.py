@@ -1,0 +1,3 @@
+from langchain_adaptquant.cli.main import main
+
+raise SystemExit(main())
