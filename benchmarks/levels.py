@@ -64,7 +64,8 @@ from common import (  # noqa: E402
     write_json,
 )
 from langchain_adaptquant.backends.registry import available_levels  # noqa: E402
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, file_backed_bytes, release_memory  # noqa: E402
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel  # noqa: E402
+from langchain_adaptquant.runtime.os_memory import file_backed_bytes, release_memory  # noqa: E402
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = (

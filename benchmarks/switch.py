@@ -35,7 +35,8 @@ import torch
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
 from langchain_adaptquant.control.levels import QuantizationLevel
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, release_memory
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
+from langchain_adaptquant.runtime.os_memory import release_memory
 from langchain_adaptquant.units import MIB as MB
 
 CHAIN = ("int8", "int4", "int2", "int4", "fp16")

@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from langchain_adaptquant.control.resources import process_memory
-from langchain_adaptquant.runtime.loader import file_backed_bytes
+from langchain_adaptquant.runtime.os_memory import file_backed_bytes
 from langchain_adaptquant.server.context import Ctx, ServerContext
 from langchain_adaptquant.server.errors import APIError
 from langchain_adaptquant.server.schemas import (
