@@ -196,22 +196,13 @@ Kind = Literal["llamacpp", "adaptquant"]
 PATHS = ("public", "loop")
 
 
-def _proc_status() -> dict[str, int]:
-    # Read here rather than from benchmarks/switch.py: that module imports torch, and the llama.cpp
-    # worker must not (its RSS would then include torch).
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
 def memory_now() -> Memory:
-    status = _proc_status()
-    return Memory(rss_mb=round(status["VmRSS"] / MB, 1), anon_mb=round(status["RssAnon"] / MB, 1),
-                  file_mb=round(status["RssFile"] / MB, 1), peak_rss_mb=round(status["VmHWM"] / MB, 1))
+    # control.resources imports no torch, so the llama.cpp worker's RSS stays its own
+    from langchain_adaptquant.control.resources import process_status
+
+    status = process_status()
+    return Memory(rss_mb=round(status.rss / MB, 1), anon_mb=round(status.anon / MB, 1),
+                  file_mb=round(status.file / MB, 1), peak_rss_mb=round(status.peak_rss / MB, 1))
 
 
 # -- the engines, as they run inside a worker -----------------------------------------------------

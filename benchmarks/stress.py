@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from langchain_adaptquant.control.resources import process_status
+
 PROMPTS = (
     "What is a list?",
     "Explain dictionaries.",
@@ -93,10 +95,7 @@ def _record(report: LoadReport, lock: threading.Lock, client: str, prompt: str, 
 
 
 def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return process_status().peak_rss / 2**20
 
 
 def run_load(llm: Any, probe: Any, requests: int = 200, threads: int = 8, tasks: int = 8,

@@ -35,6 +35,7 @@ import torch
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
 from langchain_adaptquant.control.levels import QuantizationLevel
+from langchain_adaptquant.control.resources import process_status, reset_peak_rss
 from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 from langchain_adaptquant.runtime.os_memory import release_memory
 from langchain_adaptquant.units import MIB as MB
@@ -43,20 +44,15 @@ CHAIN = ("int8", "int4", "int2", "int4", "fp16")
 
 
 def read_status() -> dict[str, int]:
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            values[key] = int(rest.split()[0]) * 1024
-    return values
+    """The kernel's memory figures for this process (``control.resources.process_status``), keyed
+    as /proc/self/status names them."""
+    status = process_status()
+    return {"VmRSS": status.rss, "VmHWM": status.peak_rss, "RssAnon": status.anon, "RssFile": status.file}
 
 
 def reset_peak() -> None:
-    """Writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    """Reset the peak RSS to the current RSS (``control.resources.reset_peak_rss``)."""
+    reset_peak_rss()
 
 
 class AnonSampler:

@@ -190,21 +190,58 @@ def read_cgroup_limit(root: Path | str = "/sys/fs/cgroup") -> Optional[CgroupLim
     return None
 
 
-def process_memory(process: Optional[psutil.Process] = None) -> tuple[int, int]:
-    """(RSS, anonymous RSS). On Linux, /proc/self/status RssAnon is exact; elsewhere RSS - shared."""
-    process = process or psutil.Process()
-    info = process.memory_info()
-    rss = info.rss
-    if process.pid == os.getpid():
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("RssAnon:"):
-                        return rss, int(line.split()[1]) * 1024
-        except OSError:
-            pass
+@dataclass(frozen=True)
+class ProcessStatus:
+    """This process's memory as the kernel counts it, in bytes: resident now, its peak since start
+    (or the last :func:`reset_peak_rss`), and the anonymous and file-backed parts of the resident set."""
+
+    rss: int
+    peak_rss: int
+    anon: int
+    file: int
+
+
+_STATUS_KEYS = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "anon", "RssFile": "file"}
+
+
+def process_status() -> ProcessStatus:
+    """Linux: the exact figures of /proc/self/status. Elsewhere psutil's RSS, with peak = RSS and
+    anonymous = RSS - shared (the best a portable API offers)."""
+    try:
+        values: dict[str, int] = {}
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, rest = line.partition(":")
+                if key in _STATUS_KEYS:
+                    values[_STATUS_KEYS[key]] = int(rest.split()[0]) * 1024
+        if len(values) == len(_STATUS_KEYS):
+            return ProcessStatus(**values)
+    except (OSError, ValueError, IndexError):
+        pass
+    info = psutil.Process().memory_info()
     shared = getattr(info, "shared", 0)
-    return rss, max(rss - shared, 0)
+    return ProcessStatus(rss=info.rss, peak_rss=info.rss, anon=max(info.rss - shared, 0), file=shared)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak RSS (VmHWM) to the current RSS, so a peak measures one operation
+    (Linux: writing 5 to /proc/self/clear_refs). False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_memory(process: Optional[psutil.Process] = None) -> tuple[int, int]:
+    """(RSS, anonymous RSS). For this process on Linux, /proc/self/status's RssAnon is exact;
+    elsewhere RSS - shared."""
+    if process is None or process.pid == os.getpid():
+        status = process_status()
+        return status.rss, status.anon
+    info = process.memory_info()
+    shared = getattr(info, "shared", 0)
+    return info.rss, max(info.rss - shared, 0)
 
 
 def _device_memory(device: str) -> tuple[Optional[int], Optional[int]]:

@@ -1,5 +1,6 @@
 import os
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -108,3 +109,20 @@ def test_scripted_probe_follows_its_script_and_validates():
         probe.set(101)
     budgeted = ScriptedProbe(total_gb=10, used_percent=20, memory_budget_gb=4)()
     assert budgeted.total_bytes == 4 * GIB and budgeted.used_percent == pytest.approx(50)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc figures")
+def test_process_status_sees_a_touched_allocation_and_its_peak_resets():
+    from langchain_adaptquant.control.resources import process_status, reset_peak_rss
+
+    before = process_status()
+    block = bytearray(64 * 2**20)
+    for i in range(0, len(block), 4096):  # touch every page: resident, anonymous
+        block[i] = 1
+    held = process_status()
+    assert held.anon - before.anon > 56 * 2**20
+    assert held.peak_rss >= held.rss >= held.anon
+    del block
+    assert reset_peak_rss()
+    after = process_status()
+    assert after.peak_rss < held.peak_rss  # the peak now starts from the smaller current RSS
