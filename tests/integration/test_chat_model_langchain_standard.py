@@ -9,12 +9,11 @@ message types and tool-message round trips run and must pass.
 from __future__ import annotations
 
 import functools
-import tempfile
-from pathlib import Path
 
 import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
+from tiny_models import override_chat_folder
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe, reference_model_path
 from langchain_adaptquant.chat_model import ChatAdaptQuant
@@ -49,13 +48,6 @@ def _loader() -> AdaptiveModelLoader:
     return AdaptiveModelLoader(manager=manager, show_progress=False)
 
 
-@functools.lru_cache(maxsize=1)
-def _second_model() -> str:
-    from tiny_models import build_tiny_chat
-
-    return str(build_tiny_chat(Path(tempfile.mkdtemp(prefix="adaptquant-override-"))))
-
-
 class TestChatAdaptQuantIntegration(ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ChatAdaptQuant]:
@@ -75,7 +67,7 @@ class TestChatAdaptQuantIntegration(ChatModelIntegrationTests):
 
     @property
     def model_override_value(self) -> str:
-        return _second_model()
+        return override_chat_folder()
 
     # -- excused: these need the model to *know* what to put in a JSON object or an agent step ----
     # Grammar-constrained decoding (langchain_adaptquant.constrained) makes forced, required and

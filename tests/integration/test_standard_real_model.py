@@ -11,12 +11,11 @@ Skipped when the model has not been pulled; ``make test`` pulls it (``adaptquant
 from __future__ import annotations
 
 import functools
-import tempfile
-from pathlib import Path
 
 import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_tests.integration_tests import ChatModelIntegrationTests
+from tiny_models import override_chat_folder
 
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe, pretrained
 from langchain_adaptquant.chat_model import ChatAdaptQuant
@@ -45,13 +44,6 @@ PROSE = pytest.mark.xfail(
 
 
 @functools.lru_cache(maxsize=1)
-def _second_model() -> str:
-    from tiny_models import build_tiny_chat
-
-    return str(build_tiny_chat(Path(tempfile.mkdtemp(prefix="adaptquant-override-"))))
-
-
-@functools.lru_cache(maxsize=1)
 def _loader() -> AdaptiveModelLoader:
     manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=20), snapshot_ttl_s=0)
     return AdaptiveModelLoader(manager=manager, show_progress=False)
@@ -76,7 +68,7 @@ class TestSmolLM2Integration(ChatModelIntegrationTests):
 
     @property
     def model_override_value(self) -> str:
-        return _second_model()  # a different folder, so the override is seen in model_name
+        return override_chat_folder()  # a different folder, so the override is seen in model_name
 
     # -- what the model cannot do (measured on SmolLM2-135M-Instruct, bf16 copy, greedy) ---------------
     # Forced and required tool calls pass: the grammar makes the call well-formed and the model picks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 
 import torch
@@ -70,3 +72,10 @@ def build_tiny_chat(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@functools.lru_cache(maxsize=1)
+def override_chat_folder() -> str:
+    """One tiny chat model folder per test process, for the standard suites' ``model_override_value``:
+    a different folder than the suite's model, so the override shows in ``model_name``."""
+    return str(build_tiny_chat(Path(tempfile.mkdtemp(prefix="adaptquant-override-"))))
