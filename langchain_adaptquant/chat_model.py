@@ -43,7 +43,7 @@ from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.pretrained.store import default_chat_model
 from langchain_adaptquant.runtime import GenerationRequest, RequestHandle, Sampling, generation
 from langchain_adaptquant.runtime.generation import GenerationResult
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, serving_manager
 
 REQUANTIZE_EVENT = "adaptquant.requantize"
 
@@ -96,7 +96,7 @@ def shared_loader(memory_budget_gb: Optional[float] = None) -> AdaptiveModelLoad
     with _SHARED_LOCK:
         loader = _SHARED_LOADERS.get(memory_budget_gb)
         if loader is None:
-            manager = DynamicQuantizationManager(memory_budget_gb=memory_budget_gb)
+            manager = serving_manager(memory_budget_gb=memory_budget_gb)
             loader = _SHARED_LOADERS[memory_budget_gb] = AdaptiveModelLoader(manager=manager)
         return loader
 

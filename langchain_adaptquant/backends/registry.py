@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from torch import nn
 
@@ -187,6 +187,30 @@ def recipe(device: DeviceLike = "cpu") -> str:
 def available_levels(device: DeviceLike = "cpu") -> list[QuantizationLevel]:
     """Levels with at least one available backend on ``device``, most precise first."""
     return [level for level in LEVELS_BY_PRECISION if backend_preference(level, device)]
+
+
+class BackendCatalog:
+    """The registry as the manager's :class:`~langchain_adaptquant.control.capabilities.LevelCatalog`:
+    levels some installed backend stores, and the first choice's settings. Asked live, so a backend
+    registered or replaced later shows in the next answer."""
+
+    def levels(self, device: str) -> list[QuantizationLevel]:
+        return available_levels(device)
+
+    def settings(self, level: QuantizationLevel, device: str) -> dict[str, Any]:
+        backends = backend_preference(level, device)
+        return backends[0].settings(level, device) if backends else {}
+
+    def __repr__(self) -> str:
+        return "BackendCatalog()"
+
+
+_CATALOG = BackendCatalog()
+
+
+def backend_catalog() -> BackendCatalog:
+    """The installed backends' catalog: what a manager serving real weights is built with."""
+    return _CATALOG
 
 
 def quantize_linear_with_fallback(

@@ -19,10 +19,9 @@ from typing import Any, Callable, Optional, Sequence
 from langchain_adaptquant.callbacks import QuantizationTelemetryHandler
 from langchain_adaptquant.chat_model import ChatAdaptQuant
 from langchain_adaptquant.control.levels import TaskPriority
-from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE
-from langchain_adaptquant.control.resources import ScriptedProbe
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, process_memory
+from langchain_adaptquant.control.resources import ScriptedProbe, process_memory
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, serving_manager
 from langchain_adaptquant.runtime.weights import resolve_model_folder
 from langchain_adaptquant.units import MIB as MB
 
@@ -140,7 +139,7 @@ def run_demo(
     started = time.perf_counter()
     clock = VirtualClock()
     probe = ScriptedProbe(total_gb=total_gb, used_percent=timeline[0][1])
-    manager = DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0.0, clock=clock)
+    manager = serving_manager(probe=probe, snapshot_ttl_s=0.0, clock=clock)
     loader = _ArrivalGate(manager=manager, show_progress=False)
     handler = QuantizationTelemetryHandler(prometheus=False)
     llm = ChatAdaptQuant(model=str(folder), loader=loader, max_tokens=max_tokens, task_priority=priority)

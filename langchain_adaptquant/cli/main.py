@@ -41,9 +41,9 @@ def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any
 
 
 def _manager(args: argparse.Namespace) -> Any:
-    from langchain_adaptquant.control.manager import DynamicQuantizationManager
+    from langchain_adaptquant.runtime.loader import serving_manager
 
-    return DynamicQuantizationManager(memory_budget_gb=getattr(args, "memory_budget_gb", None))
+    return serving_manager(memory_budget_gb=getattr(args, "memory_budget_gb", None))
 
 
 def cmd_calculate(args: argparse.Namespace) -> int:
@@ -193,13 +193,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from langchain_core.messages import AIMessage, HumanMessage
 
     from langchain_adaptquant.chat_model import ChatAdaptQuant
-    from langchain_adaptquant.control.manager import DynamicQuantizationManager
-    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, serving_manager
     from langchain_adaptquant.runtime.weights import resolve_model_folder
 
     model = _model_path(args.model)
     resolve_model_folder(model)  # a missing model is an error before the prompt appears
-    loader = AdaptiveModelLoader(manager=DynamicQuantizationManager(memory_budget_gb=args.memory_budget_gb),
+    loader = AdaptiveModelLoader(manager=serving_manager(memory_budget_gb=args.memory_budget_gb),
                                  show_progress=False)
     llm = ChatAdaptQuant(model=model, loader=loader, task_priority=args.priority, max_tokens=args.max_tokens,
                          temperature=args.temperature)

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION, QuantizationLevel, TaskPriority
+from langchain_adaptquant.control.capabilities import FixedLevels, LevelCatalog
+from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.control.load_tracker import LoadTracker
 from langchain_adaptquant.control.policy import (
     Decision,
@@ -39,7 +40,7 @@ from langchain_adaptquant.control.resources import (
     validate_budget_gb,
 )
 from langchain_adaptquant.control.sizing import ModelSize, size_of
-from langchain_adaptquant.errors import InsufficientMemoryError
+from langchain_adaptquant.errors import InsufficientMemoryError, InvalidValueError
 
 logger = logging.getLogger(__name__)
 
@@ -77,27 +78,6 @@ class ReoptimizeDecision(BaseModel):
         return self.switch
 
 
-def backend_config(level: QuantizationLevel, device: str) -> dict[str, Any]:
-    """The settings of the backend that would store ``level`` on ``device``: the registry's first
-    choice there (the one the loader tries first), in that library's terms. Empty when no installed
-    backend stores the level on the device."""
-    try:
-        from langchain_adaptquant.backends.registry import backend_preference
-    except ImportError:
-        return {}
-    backends = backend_preference(level, device)
-    return backends[0].settings(level, device) if backends else {}
-
-
-def _default_available_levels(device: str) -> list[QuantizationLevel]:
-    """Levels some installed backend supports on ``device``; all levels until backends are known."""
-    try:
-        from langchain_adaptquant.backends.registry import available_levels
-    except ImportError:
-        return list(LEVELS_BY_PRECISION)
-    return list(available_levels(device))
-
-
 @functools.lru_cache(maxsize=256)
 def _level_bytes(size: ModelSize) -> dict[QuantizationLevel, int]:
     """Sizes per level are a pure function of the split; computing them once keeps decisions cheap."""
@@ -118,7 +98,17 @@ class DynamicQuantizationManager:
         available_levels: Optional[Sequence[QuantizationLevel | str]] = None,
         default_model_size_params: float = 7.0,
         clock: Callable[[], float] = time.monotonic,
+        catalog: Optional[LevelCatalog] = None,
     ) -> None:
+        """``catalog`` says which levels this device offers and each level's backend settings
+        (:func:`langchain_adaptquant.backends.registry.backend_catalog` for the installed backends);
+        ``available_levels`` is the short form of a catalog of just those levels. With neither, the
+        manager reasons from numbers alone: every level, no backend settings."""
+        if catalog is not None and available_levels is not None:
+            raise InvalidValueError(
+                "available_levels", list(available_levels),
+                "None when a catalog is given (the catalog says which levels there are)",
+            )
         self.memory_budget_gb = validate_budget_gb(memory_budget_gb)
         base_probe = probe or SystemMemoryProbe(device=device, memory_budget_gb=self.memory_budget_gb)
         self.probe = CachedProbe(base_probe, ttl_s=snapshot_ttl_s, clock=clock)
@@ -126,10 +116,13 @@ class DynamicQuantizationManager:
         self.policy = policy or PolicyConfig()
         self._clock = clock
         self.device = device or getattr(base_probe, "device", None) or "cpu"
-        if available_levels is None:
-            self.available_levels = _default_available_levels(self.device)
-        else:
-            self.available_levels = [QuantizationLevel.parse(level) for level in available_levels]
+        if catalog is None:
+            catalog = FixedLevels(tuple(QuantizationLevel.parse(level) for level in available_levels)) \
+                if available_levels is not None else FixedLevels()
+        self.catalog: LevelCatalog = catalog
+        self.available_levels = list(catalog.levels(self.device))
+        if not self.available_levels:
+            raise InvalidValueError("catalog", catalog, f"one offering at least one level on {self.device}")
         self.default_model_size = size_of(default_model_size_params)
         self._states: dict[str, HysteresisState] = {}
         self._states_lock = threading.Lock()
@@ -231,7 +224,7 @@ class DynamicQuantizationManager:
             precision=level.precision(self.device),
             compression_ratio=f"{level.compression_vs_fp32:.1f}x",
             estimated_memory_gb=round(decision.estimated_bytes / GIB, 3),
-            config=backend_config(level, self.device),
+            config=self.catalog.settings(level, self.device),
             reason=decision.reason,
             bits=level.bits,
             device=self.device,

@@ -28,7 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from langchain_adaptquant.backends.base import UnsupportedLevelError, compute_dtype, linear_with
-from langchain_adaptquant.backends.registry import available_levels, get_backend, quantize_linear_with_fallback, recipe
+from langchain_adaptquant.backends.registry import (
+    available_levels,
+    backend_catalog,
+    get_backend,
+    quantize_linear_with_fallback,
+    recipe,
+)
 from langchain_adaptquant.control.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision, plan_levels
 from langchain_adaptquant.control.levels import QuantizationLevel, SwitchDirection, TaskPriority, switch_direction
 from langchain_adaptquant.control.manager import DynamicQuantizationManager
@@ -37,6 +43,7 @@ from langchain_adaptquant.control.sizing import ModelSize, size_from_model, size
 from langchain_adaptquant.errors import (
     AdaptQuantError,
     InsufficientMemoryError,
+    InvalidValueError,
     SwitchError,
     UnsupportedArchitectureError,
     WeightsError,
@@ -222,6 +229,12 @@ class LoadedModel:
         }
 
 
+def serving_manager(**settings: Any) -> DynamicQuantizationManager:
+    """A manager that offers the levels the installed backends store and reports their settings:
+    the one every serving entry point (chat model, server, CLI, Ray replica) builds."""
+    return DynamicQuantizationManager(catalog=backend_catalog(), **settings)
+
+
 def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Every Linear except the output head, in module order (the head stays 16-bit, as in sizing)."""
     output_embeddings = getattr(model, "get_output_embeddings", None)
@@ -275,6 +288,18 @@ def _object_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_manager_levels(manager: DynamicQuantizationManager, device: str) -> None:
+    """A manager that may choose a level no installed backend stores would fail loads later: say so now."""
+    stored = available_levels(device)
+    extra = [level for level in manager.available_levels if level not in stored]
+    if extra:
+        raise InvalidValueError(
+            "manager", f"a manager offering {', '.join(level.value for level in extra)} on {device}",
+            f"one offering only levels an installed backend stores there ({', '.join(level.value for level in stored)}):"
+            " build it with serving_manager(...) or DynamicQuantizationManager(catalog=backend_catalog())",
+        )
+
+
 class AdaptiveModelLoader:
     """Loads models at the level the manager picks, keeps them in an LRU cache, switches them in place."""
 
@@ -304,7 +329,9 @@ class AdaptiveModelLoader:
         self.mixed_precision = mixed_precision
         self.measure_quality_enabled = bool(measure_quality)
         self.quality_dir = Path(quality_dir) if quality_dir is not None else None
-        self.manager = manager or DynamicQuantizationManager(device=device)
+        if manager is not None:
+            _check_manager_levels(manager, device or manager.device)
+        self.manager = manager or serving_manager(device=device)
         self.device = device or self.manager.device
         self.cache_budget_gb = validate_budget_gb(cache_budget_gb, name="cache_budget_gb")
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.control.resources import GIB, MemoryProbe
 from langchain_adaptquant.errors import AdaptQuantError, InsufficientMemoryError
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, serving_manager
 from langchain_adaptquant.runtime.weights import resolve_model_folder
 from langchain_adaptquant.serve_ray.probe import ReplicaMemoryProbe
 from langchain_adaptquant.serve_ray.settings import ReplicaSettings
@@ -45,7 +44,7 @@ class ReplicaModel:
         self.folder = resolve_model_folder(settings.model)  # a missing model stops the replica here
         self.served_id = settings.served_model_name or self.folder.name
         self.probe = ReplicaMemoryProbe(node)
-        self.manager = DynamicQuantizationManager(probe=self.probe)
+        self.manager = serving_manager(probe=self.probe)
         self.loader = AdaptiveModelLoader(manager=self.manager, show_progress=False)
 
     def app(self, token: Optional[str]) -> Any:

@@ -17,7 +17,7 @@ from langchain_adaptquant.callbacks import AsyncQuantizationTelemetryHandler, Te
 from langchain_adaptquant.chat_model import ChatAdaptQuant
 from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, serving_manager
 from langchain_adaptquant.runtime.weights import resolve_model_folder
 from langchain_adaptquant.server.errors import APIError
 from langchain_adaptquant.server.security import InFlightLimiter
@@ -118,7 +118,7 @@ def build_context(
     if loader is not None and manager is not None and loader.manager is not manager:
         raise InvalidValueError("manager", manager, "the loader's own manager (or leave it out)")
     if loader is None:
-        manager = manager or DynamicQuantizationManager()
+        manager = manager or serving_manager()
         loader = AdaptiveModelLoader(manager=manager, show_progress=False)
     manager = loader.manager
     telemetry = telemetry or TelemetryRecorder()

@@ -59,12 +59,11 @@ def serve(
     """Serve ``model`` until interrupted; returns the process exit status."""
     import uvicorn
 
-    from langchain_adaptquant.control.manager import DynamicQuantizationManager
-    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, serving_manager
     from langchain_adaptquant.server.app import create_app
 
     check_bind(host, token)
-    manager = DynamicQuantizationManager(memory_budget_gb=memory_budget_gb)
+    manager = serving_manager(memory_budget_gb=memory_budget_gb)
     loader = AdaptiveModelLoader(manager=manager, show_progress=False)
     app = create_app(model, loader=loader, token=token, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
                      preload=preload)

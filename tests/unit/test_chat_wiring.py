@@ -45,3 +45,26 @@ def test_a_second_manager_next_to_a_loader_is_refused(tmp_path):
 def test_a_budget_alone_reaches_the_shared_loaders_manager():
     llm = ChatAdaptQuant(memory_budget_gb=1.5)
     assert llm._loader().manager.memory_budget_gb == 1.5
+
+
+class _Missing:
+    """Wraps a backend as if its library were not installed here."""
+
+    @staticmethod
+    def of(backend_class):
+        return type(f"Missing{backend_class.__name__}", (backend_class,), {"available": lambda self: False})()
+
+
+def test_a_loader_refuses_a_manager_that_offers_levels_no_backend_stores(tmp_path):
+    from langchain_adaptquant.backends.int2pack import Int2PackBackend
+    from langchain_adaptquant.backends.quanto import QuantoBackend
+    from langchain_adaptquant.backends.registry import replaced_backend
+    from langchain_adaptquant.runtime.loader import serving_manager
+
+    with replaced_backend(_Missing.of(Int2PackBackend)), replaced_backend(_Missing.of(QuantoBackend)):
+        # INT2 has no backend now; a manager built without the catalog would still choose it
+        with pytest.raises(ValueError, match=r"invalid manager: 'a manager offering int2 on cpu'.*serving_manager"):
+            _loader(tmp_path, _manager())
+        served = serving_manager(probe=ScriptedProbe(total_gb=16, used_percent=10))
+        assert "int2" not in [level.value for level in served.available_levels]
+        assert _loader(tmp_path, served).manager is served

@@ -34,3 +34,19 @@ def test_importing_the_loader_leaves_chat_model_and_langchain_out():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_control_imports_neither_runtime_nor_backends():
+    """Control decides from numbers: a manager answers without the weights layers being imported."""
+    code = (
+        "import sys\n"
+        "from langchain_adaptquant.control.manager import DynamicQuantizationManager\n"
+        "from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE, replay\n"
+        "from langchain_adaptquant.control.resources import ScriptedProbe\n"
+        "m = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=10))\n"
+        "assert m.calculate_optimal_quantization(1.0).level.value == 'fp16'\n"
+        "assert len(replay(EXAMPLE_TIMELINE)) == 5\n"
+        "bad = [m for m in sys.modules if m.startswith(('langchain_adaptquant.runtime', 'langchain_adaptquant.backends'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -11,7 +11,8 @@ from langchain_adaptquant import (
     QuantizationLevel,
     ScriptedProbe,
 )
-from langchain_adaptquant.backends.registry import replaced_backend
+from langchain_adaptquant.backends.registry import backend_catalog, replaced_backend
+from langchain_adaptquant.control.capabilities import FixedLevels
 from langchain_adaptquant.backends.torchao import TorchAOBackend
 from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE, replay
 
@@ -20,6 +21,11 @@ ALL = list(QuantizationLevel)
 
 def manager(probe, **kwargs):
     return DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0, available_levels=ALL, **kwargs)
+
+
+def serving(probe, **kwargs):
+    """A manager that asks the installed backends (levels and settings), as the serving entry points build it."""
+    return DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0, catalog=backend_catalog(), **kwargs)
 
 
 def test_example_timeline_replay():
@@ -36,7 +42,7 @@ def test_example_timeline_replay():
 
 
 def test_calculate_returns_the_documented_shape():
-    m = manager(ScriptedProbe(total_gb=16, used_percent=50))
+    m = serving(ScriptedProbe(total_gb=16, used_percent=50))
     with m.tracker.track(), m.tracker.track(), m.tracker.track():
         result = m.calculate_optimal_quantization(1.0, "balanced")
     assert result.level is QuantizationLevel.INT4
@@ -57,7 +63,7 @@ class _MissingTorchAO(TorchAOBackend):
 
 
 def test_calculate_config_follows_the_backend_the_registry_picks():
-    m = manager(ScriptedProbe(total_gb=16, used_percent=50))
+    m = serving(ScriptedProbe(total_gb=16, used_percent=50))
     with m.tracker.track(), m.tracker.track(), m.tracker.track():
         assert m.calculate_optimal_quantization(1.0, "balanced").config["backend"] == "torchao"
         with replaced_backend(_MissingTorchAO()):  # INT4 on CPU then goes to the next backend: quanto
@@ -66,9 +72,50 @@ def test_calculate_config_follows_the_backend_the_registry_picks():
     assert result.config == {"backend": "quanto", "weights": "int4", "compute_dtype": "bfloat16"}
 
 
+def test_without_a_catalog_the_manager_reasons_from_numbers_alone():
+    m = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=16, used_percent=50), snapshot_ttl_s=0)
+    assert m.available_levels == ALL
+    with m.tracker.track(), m.tracker.track(), m.tracker.track():
+        result = m.calculate_optimal_quantization(1.0, "balanced")
+    assert result.level is QuantizationLevel.INT4 and result.config == {}  # no backend was asked
+
+
+class _OnlyTwoLevels:
+    """A storage layer that stores 16-bit and INT8 only, with settings of its own."""
+
+    def levels(self, device):
+        return [QuantizationLevel.FP16, QuantizationLevel.INT8]
+
+    def settings(self, level, device):
+        return {"backend": "two-level", "level": level.value, "device": device}
+
+
+def test_a_catalog_bounds_the_levels_and_supplies_the_settings():
+    m = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=16, used_percent=50), snapshot_ttl_s=0,
+                                   catalog=_OnlyTwoLevels())
+    with m.tracker.track(), m.tracker.track(), m.tracker.track():
+        result = m.calculate_optimal_quantization(1.0, "balanced")  # INT4 with every level; INT8 is the floor here
+    assert result.level is QuantizationLevel.INT8
+    assert result.config == {"backend": "two-level", "level": "int8", "device": "cpu"}
+    assert m.get_status()["available_levels"] == ["fp16", "int8"]
+
+
+def test_catalog_and_available_levels_together_are_rejected():
+    with pytest.raises(InvalidValueError, match="available_levels"):
+        DynamicQuantizationManager(catalog=_OnlyTwoLevels(), available_levels=["int8"])
+
+
+def test_fixed_levels_are_ordered_and_never_empty():
+    assert FixedLevels(("int2", "fp16")).levels("cpu") == (QuantizationLevel.FP16, QuantizationLevel.INT2)
+    with pytest.raises(InvalidValueError, match="offered levels"):
+        FixedLevels(())
+    with pytest.raises(InvalidValueError, match="int3"):
+        FixedLevels(("int3",))
+
+
 def test_cuda_decisions_use_device_memory_and_float16():
     probe = ScriptedProbe(total_gb=80, used_percent=10, device="cuda")
-    result = manager(probe).calculate_optimal_quantization(7.0, "quality")
+    result = serving(probe).calculate_optimal_quantization(7.0, "quality")
     assert result.level is QuantizationLevel.FP16 and result.precision == "float16"
     assert result.config == {"torch_dtype": "float16"}
 
