@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run
     from langchain_adaptquant.control.resources import CachedProbe, MemorySnapshot, ScriptedProbe, SystemMemoryProbe
     from langchain_adaptquant.control.sizing import ModelSize, size_from_config, size_from_params
     from langchain_adaptquant.errors import AdaptQuantError, InsufficientMemoryError, InvalidValueError
-    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, serving_manager
 
 #: Public name -> the submodule (relative to this package) that defines it.
 _EXPORTS: dict[str, str] = {
@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "AdaptiveModelLoader": "runtime.loader",
     "LoadedModel": "runtime.loader",
     "SwitchRecord": "runtime.loader",
+    "serving_manager": "runtime.loader",
     "DynamicQuantizationManager": "control.manager",
     "QuantizationConfig": "control.manager",
     "ReoptimizeDecision": "control.manager",
@@ -78,6 +79,7 @@ __all__ = [
     "ScriptedProbe",
     "SystemMemoryProbe",
     "TaskPriority",
+    "serving_manager",
     "reference_model_path",
     "size_from_config",
     "size_from_params",

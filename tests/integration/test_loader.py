@@ -19,7 +19,7 @@ from langchain_adaptquant.errors import (
     UnsupportedArchitectureError,
     WeightsError,
 )
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, quantizable_linears
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, quantizable_linears, serving_manager
 
 FP16, INT8, INT4, INT2 = (QuantizationLevel.FP16, QuantizationLevel.INT8, QuantizationLevel.INT4, QuantizationLevel.INT2)
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12, 5]])
@@ -27,7 +27,7 @@ PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12, 5]])
 
 def make_loader(used_percent=10.0, **kwargs) -> AdaptiveModelLoader:
     probe = ScriptedProbe(total_gb=64, used_percent=used_percent)
-    manager = DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0)
+    manager = serving_manager(probe=probe, snapshot_ttl_s=0)
     loader = AdaptiveModelLoader(manager=manager, show_progress=False, **kwargs)
     loader.probe = probe  # tests move memory with it
     return loader
@@ -282,11 +282,11 @@ def test_switching_back_to_a_level_reads_the_layer_cache_bit_exactly(tiny_llama_
         first[level] = (logits(loaded), loaded.stored_bytes, loaded.backend_summary())
         assert loader.layer_cache.flush(timeout=60)
     assert loader.stats()[0]["layer_cache"] == {"int8": layers, "int4": layers, "int2": layers}
-    import langchain_adaptquant.runtime.loader as loader_module
+    import langchain_adaptquant.runtime.switcher as switcher_module  # the switcher builds and swaps layers
 
     dropped = []
-    real_drop = loader_module.drop_file_pages
-    monkeypatch.setattr(loader_module, "drop_file_pages", lambda t, r: (dropped.append(t.data_ptr()), real_drop(t, r)))
+    real_drop = switcher_module.drop_file_pages
+    monkeypatch.setattr(switcher_module, "drop_file_pages", lambda t, r: (dropped.append(t.data_ptr()), real_drop(t, r)))
     for level in (INT4, INT8, FP16, INT2):
         dropped.clear()
         record = loader.requantize(loaded, level)
