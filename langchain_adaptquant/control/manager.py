@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -61,6 +61,24 @@ class QuantizationConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class ServingFacts:
+    """What the runtime measured about a loaded model that the policy weighs, as plain numbers.
+
+    ``kv_resident_bytes``: its KV cache now (inside the measured memory); ``kv_reserved_bytes``: at
+    its longest for the requests in flight and queued; ``quality``: its measured agreement with
+    16-bit per level (its quality profile), for the priority's quality floor.
+    """
+
+    kv_resident_bytes: int = 0
+    kv_reserved_bytes: int = 0
+    quality: Mapping[QuantizationLevel, float] = field(default_factory=dict)
+
+
+#: A model nothing is known about yet (a load's first decision, or a size asked about).
+NO_FACTS = ServingFacts()
 
 
 class ReoptimizeDecision(BaseModel):
@@ -163,9 +181,7 @@ class DynamicQuantizationManager:
         current_level: Optional[QuantizationLevel],
         current_bytes: Optional[int],
         active_requests: Optional[int],
-        kv_resident_bytes: int = 0,
-        kv_reserved_bytes: int = 0,
-        quality: Optional[Mapping[QuantizationLevel, float]] = None,
+        facts: ServingFacts,
     ) -> PolicyInputs:
         snap = self.snapshot()
         level_bytes = _level_bytes(size)
@@ -181,9 +197,9 @@ class DynamicQuantizationManager:
             current_level=current_level,
             current_bytes=current_bytes or 0,
             available_levels=self.available_levels,
-            kv_resident_bytes=kv_resident_bytes,
-            kv_reserved_bytes=kv_reserved_bytes,
-            quality=dict(quality or {}),
+            kv_resident_bytes=facts.kv_resident_bytes,
+            kv_reserved_bytes=facts.kv_reserved_bytes,
+            quality=dict(facts.quality),
         )
 
     # -- questions ------------------------------------------------------------------------------
@@ -194,21 +210,15 @@ class DynamicQuantizationManager:
         current_level: Optional[QuantizationLevel | str] = None,
         current_bytes: Optional[int] = None,
         active_requests: Optional[int] = None,
-        kv_resident_bytes: int = 0,
-        kv_reserved_bytes: int = 0,
-        quality: Optional[Mapping[QuantizationLevel, float]] = None,
+        facts: ServingFacts = NO_FACTS,
     ) -> Decision:
         """The policy's decision with the live snapshot and load; no hysteresis.
 
-        ``kv_*_bytes``: the model's KV cache now (inside the measured memory) and at its longest
-        for the requests in flight and queued; the runtime passes them as plain numbers.
-        ``quality`` is the model's measured agreement per level (its quality profile), for the
-        priority's quality floor.
+        ``facts``: what the runtime measured about the model (KV-cache bytes, quality per level).
         """
         priority = TaskPriority.parse(task_priority)
         level = QuantizationLevel.parse(current_level) if current_level is not None else None
-        inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests,
-                              kv_resident_bytes, kv_reserved_bytes, quality)
+        inputs = self._inputs(self.model_size(model_size_params), priority, level, current_bytes, active_requests, facts)
         return decide(inputs, self.policy)
 
     def calculate_optimal_quantization(
@@ -238,17 +248,13 @@ class DynamicQuantizationManager:
         model_key: str = "default",
         current_bytes: Optional[int] = None,
         now: Optional[float] = None,
-        kv_resident_bytes: int = 0,
-        kv_reserved_bytes: int = 0,
-        quality: Optional[Mapping[QuantizationLevel, float]] = None,
+        facts: ServingFacts = NO_FACTS,
     ) -> ReoptimizeDecision:
         """Should the model at ``current_level`` switch now? Call :meth:`record_switch` once it did."""
         level = QuantizationLevel.parse(current_level)
         now = self._clock() if now is None else now
         try:
-            decision = self.decide(model_size_params, task_priority, level, current_bytes,
-                                   kv_resident_bytes=kv_resident_bytes, kv_reserved_bytes=kv_reserved_bytes,
-                                   quality=quality)
+            decision = self.decide(model_size_params, task_priority, level, current_bytes, facts=facts)
         except InsufficientMemoryError as error:
             # The model is already resident: failing its requests would not free anything. Shrink it
             # to the smallest level at once and keep serving.

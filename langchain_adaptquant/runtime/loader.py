@@ -26,7 +26,7 @@ from langchain_adaptquant.backends.base import UnsupportedLevelError
 from langchain_adaptquant.backends.registry import available_levels, backend_catalog, recipe
 from langchain_adaptquant.control.layer_plan import DEFAULT_MIXED_PRECISION, MixedPrecision
 from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority
-from langchain_adaptquant.control.manager import DynamicQuantizationManager
+from langchain_adaptquant.control.manager import DynamicQuantizationManager, ServingFacts
 from langchain_adaptquant.control.resources import process_memory
 from langchain_adaptquant.control.sizing import size_from_model, size_of
 from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError, SwitchError
@@ -74,6 +74,16 @@ def serving_manager(**settings: Any) -> DynamicQuantizationManager:
     """A manager that offers the levels the installed backends store and reports their settings:
     the one every serving entry point (chat model, server, CLI, Ray replica) builds."""
     return DynamicQuantizationManager(catalog=backend_catalog(), **settings)
+
+
+def serving_facts(loaded: LoadedModel) -> ServingFacts:
+    """What the policy weighs about ``loaded`` beyond its size: its engine's KV bytes and its quality profile."""
+    kv = loaded.engine.kv_usage() if loaded.engine is not None else None
+    return ServingFacts(
+        kv_resident_bytes=kv.resident_bytes if kv else 0,
+        kv_reserved_bytes=kv.reserved_bytes if kv else 0,
+        quality=loaded.quality.agreement_map() if loaded.quality is not None else {},
+    )
 
 
 def _check_manager_levels(manager: DynamicQuantizationManager, device: str) -> None:
@@ -226,12 +236,9 @@ class AdaptiveModelLoader:
         self, loaded: LoadedModel, task_priority: TaskPriority | str, model_size_params: Optional[float]
     ) -> tuple[Optional[SwitchRecord], str]:
         size = size_of(model_size_params) if model_size_params is not None else loaded.size
-        kv = loaded.engine.kv_usage() if loaded.engine is not None else None
-        quality = loaded.quality.agreement_map() if loaded.quality is not None else None
         verdict = self.manager.should_reoptimize(
             loaded.level, size, task_priority, model_key=loaded.key, current_bytes=loaded.stored_bytes,
-            kv_resident_bytes=kv.resident_bytes if kv else 0, kv_reserved_bytes=kv.reserved_bytes if kv else 0,
-            quality=quality,
+            facts=serving_facts(loaded),
         )
         loaded.last_decision_reason = verdict.reason
         if not verdict:

@@ -13,6 +13,7 @@ from langchain_adaptquant import (
 )
 from langchain_adaptquant.backends.registry import backend_catalog, replaced_backend
 from langchain_adaptquant.control.capabilities import FixedLevels
+from langchain_adaptquant.control.manager import ServingFacts
 from langchain_adaptquant.backends.torchao import TorchAOBackend
 from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE, replay
 
@@ -111,6 +112,26 @@ def test_fixed_levels_are_ordered_and_never_empty():
         FixedLevels(())
     with pytest.raises(InvalidValueError, match="int3"):
         FixedLevels(("int3",))
+
+
+def test_serving_facts_reach_the_policy_kv_bytes_and_quality_floor():
+    m = manager(ScriptedProbe(total_gb=16, used_percent=20))
+    size = m.model_size(1.0)
+    assert m.decide(size, "quality", "fp16").level is QuantizationLevel.FP16
+    heavy = m.decide(size, "quality", "fp16", facts=ServingFacts(kv_reserved_bytes=10 * 2**30))
+    assert heavy.level is not QuantizationLevel.FP16 and "KV cache 10240.0 MB" in heavy.reason
+    verdict = m.should_reoptimize("fp16", size, "quality", model_key="kv", now=0.0,
+                                  facts=ServingFacts(kv_reserved_bytes=10 * 2**30))
+    assert verdict and verdict.target_level is heavy.level  # a memory-forced downgrade goes through at once
+    # the quality floor: 12 requests at moderate memory make the matrix pick INT4; measured 0.90 < 0.93
+    busy = manager(ScriptedProbe(total_gb=16, used_percent=45))
+    with contextlib.ExitStack() as stack:
+        for _ in range(12):
+            stack.enter_context(busy.tracker.track())
+        assert busy.decide(size).level is QuantizationLevel.INT4
+        measured = {QuantizationLevel.FP16: 1.0, QuantizationLevel.INT8: 0.99, QuantizationLevel.INT4: 0.90}
+        floored = busy.decide(size, facts=ServingFacts(quality=measured))
+    assert floored.level is QuantizationLevel.INT8 and "int4 is below" in floored.reason
 
 
 def test_cuda_decisions_use_device_memory_and_float16():
