@@ -46,7 +46,7 @@ test-fast: model $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/decision_cost.py
+	$(BIN)/python -m benchmarks.decision_cost
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

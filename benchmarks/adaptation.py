@@ -1,6 +1,6 @@
 """Replay memory/load traces against the real loader and model, and compare with static and reload-based choices.
 
-    python benchmarks/adaptation.py [--model reference] [--steps 60] [--seed 2] [--quick]
+    python -m benchmarks.adaptation [--model reference] [--steps 60] [--seed 2] [--quick]
 
 Two traces run, each on a fresh loader: the documented 10:00-11:00 timeline (``EXAMPLE_TIMELINE``, 15
 minutes a step) and a seeded random walk (``--steps`` steps, ``--step-s`` apart) of memory used and
@@ -39,38 +39,34 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)  # sibling helpers, whether run as a script or loaded by path in tests
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from common import (  # noqa: E402
+from benchmarks.common import (
     MB,
+    RESULTS,
     eval_window,
     heldout_ids,
     machine_info,
     measured,
+    model_folder,
     print_table,
     quiet_loader,
     read_status,
-    model_folder,
-    score_heldout,
     write_json,
 )
-from langchain_adaptquant import ChatAdaptQuant, PolicyConfig  # noqa: E402
-from langchain_adaptquant.backends.registry import available_levels  # noqa: E402
-from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE  # noqa: E402
-from langchain_adaptquant.control.resources import GIB  # noqa: E402
+from langchain_adaptquant import ChatAdaptQuant, PolicyConfig
+from langchain_adaptquant.backends.registry import available_levels
+from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE
+from langchain_adaptquant.control.resources import GIB
+from langchain_adaptquant.runtime.quality import score_text
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = RESULTS
 PROMPT = "What does json.dumps do?"
 EXAMPLE_STEP_S = 900.0  # the documented timeline is fifteen minutes a step
 COLUMNS = (
@@ -126,7 +122,7 @@ def measure_levels(folder: Path, levels: Sequence[str]) -> dict[str, dict[str, A
             "top1_agreement": None,
         }
         if ids is not None:
-            score = score_heldout(loaded.model, ids, eval_window(folder))
+            score = score_text(loaded.model, ids, eval_window(folder))
             reference = reference or score  # levels run 16-bit first
             fact["perplexity"] = round(score.perplexity, 4)
             fact["top1_agreement"] = round(score.agreement(reference), 4)
@@ -376,7 +372,7 @@ def plot(traces: dict[str, list[dict[str, Any]]], facts: dict[str, dict[str, Any
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptation", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="reference", help="'reference', a model-zoo name, or a model folder")
     parser.add_argument("--steps", type=int, default=60, help="steps of the random walk")
     parser.add_argument("--seed", type=int, default=2,

@@ -14,7 +14,7 @@ ratio to bf16), forward time for a batch-1 decode step and a 64-token prefill (m
 several runs after a warm-up) and relative output error against the bf16 layer. Prints a table
 and writes ``benchmarks/results/backends_probe.json``.
 
-    HF_HUB_OFFLINE=1 python benchmarks/backends_probe.py [--repeats 15] [--threads 1] [--out PATH]
+    HF_HUB_OFFLINE=1 python -m benchmarks.backends_probe [--repeats 15] [--threads 1] [--out PATH]
 
 Timings are for this machine only; on a shared machine compare paths within one run.
 """
@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import logging
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,11 +35,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from langchain_adaptquant.runtime.accounting import stored_bytes  # noqa: E402
-from langchain_adaptquant.backends import all_backends, compute_dtype  # noqa: E402
-from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION  # noqa: E402
+from benchmarks.common import RESULTS, cpu_model, write_json
+from langchain_adaptquant.backends import all_backends, compute_dtype
+from langchain_adaptquant.control.levels import LEVELS_BY_PRECISION
+from langchain_adaptquant.runtime.accounting import stored_bytes
 
 #: model -> (in_features, out_features) of its Linear layers: q/o, k/v, gate/up, down.
 SHAPES: dict[str, list[tuple[int, int]]] = {
@@ -114,7 +111,7 @@ def all_paths(device: str) -> list[_Path]:
                                    lambda layer, b=backend, lv=level: b.shape_problem(layer, lv, device), shipped))
     return paths + extra_paths()
 PREFILL_TOKENS = 64
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "backends_probe.json"
+DEFAULT_OUT = RESULTS / "backends_probe.json"
 
 
 def _timings(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -160,11 +157,7 @@ def _cpu_flags() -> dict[str, Any]:
         flags["avx512bf16"] = bool(has_avx512bf16())
     except Exception:
         flags["avx512bf16"] = None
-    try:
-        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        flags["model"] = model.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        pass
+    flags["model"] = cpu_model()
     return flags
 
 
@@ -284,7 +277,7 @@ def _level(value: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.backends_probe", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per forward (median)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON")
     parser.add_argument(
@@ -311,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"\nwrote {args.out} in {result['seconds']} s")
     return 0
 

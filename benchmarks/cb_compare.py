@@ -1,6 +1,6 @@
 """transformers' continuous batching against our engine and sequential ``generate``, on CPU, same process.
 
-    python benchmarks/cb_compare.py --model /work/models/smollm2-135m-instruct [--levels fp16,int4]
+    python -m benchmarks.cb_compare --model /work/models/smollm2-135m-instruct [--levels fp16,int4]
         [--requests 8] [--tokens 16] [--runs 3]
 
 Why this exists: issue 14 asked to use transformers' own continuous batching
@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import torch
 
-import torch  # noqa: E402
-
-from common import machine_info, print_table, quiet_loader, write_json  # noqa: E402
-
-from langchain_adaptquant.runtime import EngineConfig, GenerationEngine, GenerationRequest  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, print_table, quiet_loader, write_json
+from langchain_adaptquant.runtime import EngineConfig, GenerationEngine, GenerationRequest
 
 TEXTS = ("What is a list?", "Explain dictionaries.", "How do I open a file?", "What does len return?",
          "Describe a tuple.", "Why use a set?", "What is an argument?", "How does a loop work?")
@@ -111,14 +105,14 @@ def one_level(folder: str, level: str, requests: int, tokens: int, runs: int) ->
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cb_compare", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--levels", default="fp16,int4")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/cb_compare.json")
+    parser.add_argument("--out", default=str(RESULTS / "cb_compare.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [one_level(args.model, level, args.requests, args.tokens, args.runs) for level in args.levels.split(",")]

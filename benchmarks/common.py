@@ -1,7 +1,17 @@
-"""Helpers shared by the level and adaptation benchmarks: machine facts, a quiet loader, held-out scoring.
+"""The one measuring module of the benchmarks: each fact every script needs is defined here once.
 
-Peak-memory helpers (``read_status``, ``reset_peak``, ``AnonSampler``, ``measured``) and model
-resolution live in ``switch.py``; this module re-exports them so each benchmark imports one place.
+* where results go (``RESULTS``) and which folder a model name means (``resolve``, ``model_folder``);
+* the machine a result came from (``machine_info``, with ``cpu_model`` and ``cpu_flags``);
+* process memory around an action: ``read_status`` / ``reset_peak`` (the library's
+  ``control.resources.process_status`` and ``reset_peak_rss``), ``AnonSampler``, ``measured``;
+* bandwidth and bytes: ``copy_bandwidth``, ``bytes_read_per_token``, ``warm_page_cache``;
+* a loader on a scripted machine (``quiet_loader``), so benchmarks decide the same way on any host;
+* the held-out text and window of a model folder's eval.json (``heldout_ids``, ``eval_window``);
+  scoring it is the library's ``runtime.quality.score_text``;
+* output: ``write_json``, ``print_table``.
+
+Importing it loads neither torch nor transformers (those are imported by the functions that need
+them), so a worker that must not load torch, like llama.cpp's in ``llamacpp_compare``, can use it too.
 """
 
 from __future__ import annotations
@@ -10,29 +20,28 @@ import json
 import math
 import os
 import platform
-import sys
-from dataclasses import dataclass
+import threading
+import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
-import torch
-import torch.nn.functional as F
-
-from langchain_adaptquant import AdaptiveModelLoader, DynamicQuantizationManager, PolicyConfig, ScriptedProbe
+from langchain_adaptquant.control.resources import process_status, reset_peak_rss
 from langchain_adaptquant.units import MIB as MB
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)  # switch.py is a sibling script, not a package module
-
-from switch import AnonSampler, measured, read_status, reset_peak, resolve  # noqa: E402
+if TYPE_CHECKING:
+    from langchain_adaptquant import AdaptiveModelLoader, PolicyConfig, ScriptedProbe
+    from langchain_adaptquant.runtime.loader import LoadedModel
 
 __all__ = [
     "MB",
+    "RESULTS",
     "AnonSampler",
-    "HeldoutScore",
-    "heldout_ids",
+    "bytes_read_per_token",
+    "copy_bandwidth",
+    "cpu_flags",
+    "cpu_model",
     "eval_window",
+    "heldout_ids",
     "machine_info",
     "measured",
     "model_folder",
@@ -41,45 +50,94 @@ __all__ = [
     "read_status",
     "reset_peak",
     "resolve",
-    "score_heldout",
+    "warm_page_cache",
     "write_json",
 ]
 
+#: Where every benchmark writes its JSON and plots by default.
+RESULTS = Path(__file__).resolve().parent / "results"
 #: Document separator the reference model was evaluated with (first context token of eval.json's method).
 EOT = "<|endoftext|>"
 DEFAULT_WINDOW = 256
 
 
-def _cpu_model() -> str:
+# -- models -------------------------------------------------------------------------------------------
+def resolve(name: str) -> Path:
+    """The folder of a path, 'reference' (the embedded model), a pulled catalog model or a model-zoo name."""
+    if Path(name).is_dir():
+        return Path(name)
+    if name == "reference":
+        from langchain_adaptquant.assets import reference_model_path
+
+        return reference_model_path()
+    from langchain_adaptquant.pretrained import CATALOG, model_path
+
+    if name in CATALOG:
+        return model_path(name)  # a pulled real model (a clear error says how to pull it)
+    from langchain_adaptquant.model_zoo import build_random_model
+
+    return build_random_model(name)
+
+
+def model_folder(name: str) -> Path:
+    """Folder of 'reference', a model-zoo name or a path; a clear exit when the reference is not built yet."""
+    folder = Path(resolve(name))
+    if not (folder / "config.json").is_file():
+        hint = " (train it: python scripts/train_reference_model.py)" if name == "reference" else ""
+        raise SystemExit(f"model {name!r}: no config.json in {folder}{hint}")
+    return folder
+
+
+def quiet_loader(total_gb: float = 256.0, used_percent: float = 10.0, policy: Optional["PolicyConfig"] = None,
+                 clock: Any = None) -> tuple["AdaptiveModelLoader", "ScriptedProbe"]:
+    """A loader whose manager sees a scripted machine, so benchmarks decide the same way on any host."""
+    from langchain_adaptquant import AdaptiveModelLoader, DynamicQuantizationManager, ScriptedProbe
+
+    probe = ScriptedProbe(total_gb=total_gb, used_percent=used_percent)
+    kwargs: dict[str, Any] = {"probe": probe, "snapshot_ttl_s": 0.0}
+    if policy is not None:
+        kwargs["policy"] = policy
+    if clock is not None:
+        kwargs["clock"] = clock
+    manager = DynamicQuantizationManager(**kwargs)
+    return AdaptiveModelLoader(manager=manager, show_progress=False), probe
+
+
+# -- the machine --------------------------------------------------------------------------------------
+def _cpuinfo_lines() -> list[str]:
+    # The library reads no CPU facts, so the benchmarks read /proc/cpuinfo here, in one place.
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        return []
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what ``platform`` knows)."""
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:
+def cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:
     """The SIMD features that decide which int4/int8 kernels are fast here."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [flag for flag in wanted if flag in have]
-    except OSError:
-        pass
+    for line in _cpuinfo_lines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [flag for flag in wanted if flag in have]
     return []
 
 
 def machine_info() -> dict[str, Any]:
     """What a reader needs to compare two result files: CPU, cores, memory, library versions, threads."""
     import psutil
+    import torch
     import transformers
 
     return {
-        "cpu_model": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -93,29 +151,112 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def model_folder(name: str) -> Path:
-    """Folder of 'reference', a model-zoo name or a path; a clear exit when the reference is not built yet."""
-    folder = Path(resolve(name))
-    if not (folder / "config.json").is_file():
-        hint = " (train it: python scripts/train_reference_model.py)" if name == "reference" else ""
-        raise SystemExit(f"model {name!r}: no config.json in {folder}{hint}")
-    return folder
+# -- process memory around an action ------------------------------------------------------------------
+def read_status() -> dict[str, int]:
+    """The kernel's memory figures for this process (``control.resources.process_status``), keyed
+    as /proc/self/status names them."""
+    status = process_status()
+    return {"VmRSS": status.rss, "VmHWM": status.peak_rss, "RssAnon": status.anon, "RssFile": status.file}
 
 
-def quiet_loader(total_gb: float = 256.0, used_percent: float = 10.0, policy: Optional[PolicyConfig] = None,
-                 clock: Any = None) -> tuple[AdaptiveModelLoader, ScriptedProbe]:
-    """A loader whose manager sees a scripted machine, so benchmarks decide the same way on any host."""
-    probe = ScriptedProbe(total_gb=total_gb, used_percent=used_percent)
-    kwargs: dict[str, Any] = {"probe": probe, "snapshot_ttl_s": 0.0}
-    if policy is not None:
-        kwargs["policy"] = policy
-    if clock is not None:
-        kwargs["clock"] = clock
-    manager = DynamicQuantizationManager(**kwargs)
-    return AdaptiveModelLoader(manager=manager, show_progress=False), probe
+def reset_peak() -> None:
+    """Reset the peak RSS to the current RSS (``control.resources.reset_peak_rss``)."""
+    reset_peak_rss()
 
 
-# -- held-out quality ---------------------------------------------------------------------------------
+class AnonSampler:
+    """Samples RssAnon every ``interval`` seconds in a thread; ``peak`` is the highest seen."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, read_status()["RssAnon"])
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "AnonSampler":
+        self.peak = read_status()["RssAnon"]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, read_status()["RssAnon"])
+
+
+def measured(action: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Run ``action`` once: its result, seconds, RSS and anonymous MB before it, peak RSS and peak anonymous MB."""
+    import gc
+
+    from langchain_adaptquant.runtime.os_memory import release_memory
+
+    gc.collect()
+    release_memory()
+    before = read_status()
+    reset_peak()
+    started = time.perf_counter()
+    with AnonSampler() as sampler:
+        result = action()
+    seconds = time.perf_counter() - started
+    peak = read_status()
+    return result, {
+        "seconds": seconds,
+        "rss_before_mb": before["VmRSS"] / MB,
+        "anon_before_mb": before["RssAnon"] / MB,
+        "peak_rss_mb": peak["VmHWM"] / MB,
+        "peak_anon_mb": sampler.peak / MB,
+    }
+
+
+# -- bandwidth and bytes ------------------------------------------------------------------------------
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, Any]:
+    """Best copy bandwidth of a large tensor: the ceiling for a decode step that streams all weights."""
+    import torch
+
+    from langchain_adaptquant.runtime.os_memory import release_memory
+
+    count = megabytes * MB
+    source = torch.ones(count, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    target.copy_(source)  # fault the pages in before timing
+    speeds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        speeds.append(2 * count / (time.perf_counter() - started) / 1e9)
+    del source, target
+    release_memory()
+    return {"copy_mb": megabytes, "repeats": repeats, "best_gb_s": round(max(speeds), 2),
+            "all_gb_s": [round(s, 2) for s in speeds], "counts": "bytes read + bytes written per second (1e9)"}
+
+
+def bytes_read_per_token(loaded: "LoadedModel") -> int:
+    """Weights one decode step streams: everything stored except the input-embedding table (one row read)."""
+    model = loaded.model
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is embedding:
+        return loaded.stored_bytes  # tied: the table is read whole as the output head
+    return loaded.stored_bytes - embedding.numel() * embedding.element_size()
+
+
+def warm_page_cache(paths: Path | Sequence[Path]) -> None:
+    """Read each weights file once (a folder's ``*.safetensors``, or a file such as a GGUF), so no
+    load time that follows includes the disk."""
+    for path in [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        for file in files:
+            with open(file, "rb") as handle:
+                while handle.read(64 * MB):
+                    pass
+
+
+# -- held-out inputs (scored by langchain_adaptquant.runtime.quality.score_text) -------------------------
 def eval_window(folder: Path) -> int:
     """Predicted tokens per window, as the model's eval.json used (so our perplexity is comparable)."""
     eval_file = Path(folder) / "eval.json"
@@ -136,41 +277,12 @@ def heldout_ids(folder: Path, tokenizer: Any) -> Optional[list[int]]:
     return [int(first)] + list(ids)
 
 
-@dataclass(frozen=True)
-class HeldoutScore:
-    """Summed NLL and per-position argmax over one held-out text; perplexity and agreement follow."""
-
-    nll: float
-    tokens: int
-    argmax: torch.Tensor
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens)
-
-    def agreement(self, reference: "HeldoutScore") -> float:
-        """Share of positions whose top-1 next token equals the reference's (e.g. 16-bit's)."""
-        return float((self.argmax == reference.argmax).float().mean())
-
-
-@torch.no_grad()  # not inference_mode: quanto's packed tensors fail under it
-def score_heldout(model: Any, ids: Sequence[int], window: int = DEFAULT_WINDOW) -> HeldoutScore:
-    """NLL of ids[1:] given what precedes, in windows of ``window`` predicted tokens (eval.json's method)."""
-    total, count, argmax = 0.0, 0, []
-    for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([list(ids[start : start + window + 1])])
-        logits = model(input_ids=chunk).logits[0, :-1].float()
-        total += F.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
-        count += chunk.shape[1] - 1
-        argmax.append(logits.argmax(dim=-1))
-    return HeldoutScore(total, count, torch.cat(argmax))
-
-
 # -- output -------------------------------------------------------------------------------------------
-def write_json(path: Path, data: Any) -> Path:
+def write_json(path: Path | str, data: Any, indent: int = 2) -> Path:
+    """``data`` as JSON at ``path`` (folders made; values JSON cannot hold written as text); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(data, indent=indent, default=str) + "\n")
     return path
 
 

@@ -1,7 +1,7 @@
 """One bounded run that checks the package on a CUDA device: backends, loader, switch vs reload, requests in flight.
 
-    python benchmarks/cuda_check.py [--device cuda] [--out $OUT/cuda_check.json] [--quick] [--parts a,b,c,d]
-    python benchmarks/cuda_check.py --device cpu --quick      # dry run of everything not CUDA-specific
+    python -m benchmarks.cuda_check [--device cuda] [--out $OUT/cuda_check.json] [--quick] [--parts a,b,c,d]
+    python -m benchmarks.cuda_check --device cpu --quick      # dry run of everything not CUDA-specific
 
 Checks (each one wrapped: a failure is recorded with its traceback and the next check still runs;
 the JSON is rewritten after every check, so a run killed by a timeout keeps what it finished):
@@ -51,9 +51,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 _HERE = Path(__file__).resolve().parent
-_ROOT = _HERE.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))  # run from a checkout without installing the package
 
 T0 = time.perf_counter()
 from langchain_adaptquant.units import MIB as MB  # noqa: E402
@@ -871,7 +868,7 @@ def print_tables(report: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cuda_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=default_out())
     parser.add_argument("--quick", action="store_true", help="CPU dry run: fewer timing runs, a tiny zoo model")

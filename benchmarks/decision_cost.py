@@ -1,6 +1,6 @@
 """Cost of a memory snapshot and of a decision, cached and uncached: median of N calls each.
 
-    python benchmarks/decision_cost.py [--calls 10000]
+    python -m benchmarks.decision_cost [--calls 10000]
 
 Prints a table and writes benchmarks/results/decision_cost.json. The common path of an invocation
 (cached snapshot + decision + hysteresis "keep") must stay in the microseconds.
@@ -9,8 +9,6 @@ Prints a table and writes benchmarks/results/decision_cost.json. The common path
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from benchmarks.common import RESULTS, machine_info, write_json
 from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.control.resources import SystemMemoryProbe
 
@@ -37,9 +36,9 @@ def per_call_us(fn: Callable[[], object], calls: int, label: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decision_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=10_000)
-    parser.add_argument("--out", default="benchmarks/results/decision_cost.json")
+    parser.add_argument("--out", default=str(RESULTS / "decision_cost.json"))
     args = parser.parse_args()
 
     raw = SystemMemoryProbe(device="cpu")
@@ -60,10 +59,7 @@ def main() -> None:
     print(f"{'operation':<{width}}  median µs    p99 µs")
     for name, row in rows.items():
         print(f"{name:<{width}}  {row['median_us']:9.2f}  {row['p99_us']:8.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()}
-    out.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    out = write_json(Path(args.out), {"machine": machine_info(), "results": rows})
     print(f"wrote {out}")
 
 

@@ -1,6 +1,6 @@
 """What each precision level costs and buys, per model: memory, load time, speed and quality.
 
-    python benchmarks/levels.py [--models reference,llama-150m] [--runs 5] [--quick]
+    python -m benchmarks.levels [--models reference,llama-150m] [--runs 5] [--quick]
 
 For each model (a name from the model zoo, ``reference`` or a folder) and each level this CPU has a
 backend for (fp16 = bf16 here, int8, int4, int2), a fresh ``load_model(..., force_quantization=level)``
@@ -37,37 +37,35 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)  # sibling helpers, whether run as a script or loaded by path in tests
+import torch
+from tqdm.auto import tqdm
+from transformers.generation.streamers import BaseStreamer
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
-
-from common import (  # noqa: E402
+from benchmarks.common import (
     MB,
-    HeldoutScore,
+    RESULTS,
+    bytes_read_per_token,
+    copy_bandwidth,
     eval_window,
     heldout_ids,
     machine_info,
+    model_folder,
     print_table,
     quiet_loader,
     read_status,
-    model_folder,
-    score_heldout,
+    warm_page_cache,
     write_json,
 )
-from langchain_adaptquant.backends.registry import available_levels  # noqa: E402
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel  # noqa: E402
-from langchain_adaptquant.runtime.os_memory import file_backed_bytes, release_memory  # noqa: E402
+from langchain_adaptquant.backends.registry import available_levels
+from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel
+from langchain_adaptquant.runtime.os_memory import file_backed_bytes, release_memory
+from langchain_adaptquant.runtime.quality import TextScore, score_text
 
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT_DIR = RESULTS
 COLUMNS = (
     ("model", "model"), ("level", "level"), ("backends", "backends"), ("stored_mb", "stored MB"),
     ("estimated_mb", "est. MB"), ("estimate_error_percent", "est. err %"), ("rss_mb", "RSS MB"),
@@ -79,31 +77,6 @@ COLUMNS = (
 
 
 # -- measurements -------------------------------------------------------------------------------------
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, Any]:
-    """Best copy bandwidth of a large tensor: the ceiling for a decode step that streams all weights."""
-    count = megabytes * MB
-    source = torch.ones(count, dtype=torch.uint8)
-    target = torch.empty_like(source)
-    target.copy_(source)  # fault the pages in before timing
-    speeds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        target.copy_(source)
-        speeds.append(2 * count / (time.perf_counter() - started) / 1e9)
-    del source, target
-    release_memory()
-    return {"copy_mb": megabytes, "repeats": repeats, "best_gb_s": round(max(speeds), 2),
-            "all_gb_s": [round(s, 2) for s in speeds], "counts": "bytes read + bytes written per second (1e9)"}
-
-
-def warm_page_cache(folder: Path) -> None:
-    """Read the weights once, so the first level's load time does not include the disk."""
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with open(file, "rb") as handle:
-            while handle.read(64 * MB):
-                pass
-
-
 class _TokenClock(BaseStreamer):
     """Timestamps every ``put``: first the prompt, then each new token as generate emits it."""
 
@@ -150,7 +123,12 @@ def decode_rates(model: Any, ids: torch.Tensor, new_tokens: int, runs: int, pad_
 
 @torch.no_grad()
 def forward_decode_rates(model: Any, ids: torch.Tensor, new_tokens: int, runs: int) -> list[float]:
-    """Tokens/s of a bare greedy loop over the KV cache: the model's own cost, without generate's per-step work."""
+    """Tokens/s of a bare greedy loop over the KV cache: the model's own cost, without generate's per-step work.
+
+    A decode loop of its own on purpose: this figure is the forward passes alone, the floor that
+    ``decode_rates`` (``model.generate``) and the library's engine are compared with; going through
+    either of them would time their per-step work too.
+    """
     import inspect
 
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -164,16 +142,6 @@ def forward_decode_rates(model: Any, ids: torch.Tensor, new_tokens: int, runs: i
             out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
         rates.append((new_tokens - 1) / (time.perf_counter() - started))
     return rates
-
-
-def bytes_read_per_token(loaded: LoadedModel) -> int:
-    """Weights one decode step streams: everything stored except the input-embedding table (one row read)."""
-    model = loaded.model
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is embedding:
-        return loaded.stored_bytes  # tied: the table is read whole as the output head
-    return loaded.stored_bytes - embedding.numel() * embedding.element_size()
 
 
 def _median(values: Sequence[float]) -> Optional[float]:
@@ -195,7 +163,7 @@ def timed_loads(loader: AdaptiveModelLoader, folder: Path, level: str, runs: int
 
 
 def bench_level(loader: AdaptiveModelLoader, name: str, folder: Path, level: str, args: argparse.Namespace,
-                bandwidth_gb_s: float, reference: Optional[HeldoutScore]) -> tuple[dict[str, Any], Optional[HeldoutScore]]:
+                bandwidth_gb_s: float, reference: Optional[TextScore]) -> tuple[dict[str, Any], Optional[TextScore]]:
     """Every number of one (model, level) row; also the held-out score, so 16-bit can serve as reference."""
     release_memory(full=True)
     base = read_status()
@@ -266,12 +234,12 @@ def _speeds(loaded: LoadedModel, ids: torch.Tensor, args: argparse.Namespace, ba
 
 
 def _quality(loaded: LoadedModel, folder: Path, row: dict[str, Any],
-             reference: Optional[HeldoutScore]) -> Optional[HeldoutScore]:
+             reference: Optional[TextScore]) -> Optional[TextScore]:
     """Fill perplexity and top-1 agreement into ``row`` when the folder has a held-out sample."""
     ids = heldout_ids(folder, loaded.tokenizer)
     if ids is None:
         return None
-    score = score_heldout(loaded.model, ids, eval_window(folder))
+    score = score_text(loaded.model, ids, eval_window(folder))
     row["perplexity"] = round(score.perplexity, 4)
     row["heldout_tokens"] = score.tokens
     if reference is not None:
@@ -289,7 +257,7 @@ def float32_perplexity(folder: Path) -> Optional[float]:
         return None
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    score = score_heldout(model, heldout_ids(folder, tokenizer), eval_window(folder))
+    score = score_text(model, heldout_ids(folder, tokenizer), eval_window(folder))
     del model
     release_memory()
     return round(score.perplexity, 4)
@@ -382,7 +350,7 @@ def _plot_sizes(axis: Any, rows: list[dict[str, Any]], models: list[str]) -> Non
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.levels", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="reference,llama-150m",
                         help="comma-separated: 'reference', a model-zoo name, or a model folder")
     parser.add_argument("--levels", default=None, help="comma-separated levels (default: all this CPU supports)")

@@ -1,6 +1,6 @@
 """Our model at each level side by side with llama.cpp on the same GGUF, same prompts, one run.
 
-    flock /tmp/adaptquant-bench.lock .venv/bin/python benchmarks/llamacpp_compare.py \\
+    flock /tmp/adaptquant-bench.lock .venv/bin/python -m benchmarks.llamacpp_compare \\
         [--gguf FILE.gguf] [--model FOLDER] [--levels fp16,int8,int4,int2] [--rounds 3] [--new-tokens 64]
 
 What a CPU user would pick instead of us is llama.cpp (here through llama-cpp-python, the `bench`
@@ -73,14 +73,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, TypedDict
 
-from langchain_adaptquant.units import MIB as MB
+from benchmarks.common import MB, RESULTS, machine_info, print_table, warm_page_cache, write_json
 
 # Heavy libraries (torch, transformers, llama_cpp) are imported inside the functions that need
-# them: this file is also the worker of every engine, and the llama.cpp worker must not load torch.
+# them: this module is also the worker of every engine, and the llama.cpp worker must not load torch
+# (benchmarks.common imports neither torch nor transformers).
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_OUT_DIR = HERE / "results"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT_DIR = RESULTS
 
 # -- where the model is: the package's store of pulled models --------------------------------------
 # `adaptquant models pull smollm2-135m` keeps the converted bf16 folder and, under source/, the very
@@ -429,7 +429,7 @@ class Worker:
         self.timeout_s = timeout_s
         self.log_path = log_dir / f"{spec.label.replace(' ', '_').replace('.', '')}.log"
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.llamacpp_compare", "--worker"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                         env=env, cwd=str(REPO))
         self._send(config)
@@ -519,20 +519,10 @@ def parse_levels(text: Optional[str]) -> tuple[list[str], list[str]]:
     return [level for level in wanted if level in here], notes
 
 
-def warm_page_cache(paths: Sequence[Path]) -> None:
-    """Read each weights file once, so no engine's load time includes the disk."""
-    for path in paths:
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        for file in files:
-            with open(file, "rb") as handle:
-                while handle.read(64 * MB):
-                    pass
-
-
 def worker_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+               HF_HUB_OFFLINE="1")
     return env
 
 
@@ -744,7 +734,7 @@ def path_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # -- main -----------------------------------------------------------------------------------------
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llamacpp_compare", description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=None,
                         help="the GGUF llama.cpp runs (default: the one kept beside the pulled smollm2-135m)")
     parser.add_argument("--model", type=Path, default=None,
@@ -783,9 +773,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     gguf = args.gguf or default_gguf()
     levels, level_notes = parse_levels(args.levels)
 
-    sys.path.insert(0, str(HERE))
-    from common import machine_info, print_table, write_json
-
     started = time.time()
     machine = machine_info()
     prompts = render_prompts(model, CHAT_PROMPTS[: args.prompts])
@@ -814,7 +801,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "benchmark": "llamacpp_compare",
             "complete": complete,
             "rounds_done": rounds_done[0],
-            "command": "python benchmarks/llamacpp_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m benchmarks.llamacpp_compare " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
             "seconds": round(time.time() - started, 1),
             "load_average_by_round": load_by_round,

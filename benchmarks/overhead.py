@@ -1,6 +1,6 @@
 """What the adaptive wrapper costs per call: ChatAdaptQuant.invoke vs model.generate vs ChatHuggingFace.
 
-    python benchmarks/overhead.py [--model PATH] [--runs 20] [--tokens 32]
+    python -m benchmarks.overhead [--model PATH] [--runs 20] [--tokens 32]
 
 All three run on the same model object (loaded once at 16-bit by our loader), the same prompt,
 greedy, exactly ``--tokens`` new tokens (min = max), interleaved run by run so machine noise hits
@@ -11,8 +11,6 @@ langchain-huggingface is optional: without it that column is skipped, and the sc
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
+from benchmarks.common import RESULTS, machine_info, write_json
 from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, reference_model_path
 from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
@@ -28,12 +27,12 @@ PROMPT = "Explain in one sentence what a Python list is."
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(reference_model_path()))
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--level", default="fp16")
-    parser.add_argument("--out", default="benchmarks/results/overhead.json")
+    parser.add_argument("--out", default=str(RESULTS / "overhead.json"))
     args = parser.parse_args(argv)
 
     manager = DynamicQuantizationManager()
@@ -90,12 +89,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"\n{'path':24s} {'median s':>9s} {'x direct':>9s} {'overhead ms':>12s}")
     for row in rows:
         print(f"{row['path']:24s} {row['median_s']:9.4f} {row['ratio_vs_direct']:9.4f} {row['overhead_ms']:12.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
-    out.write_text(json.dumps({"machine": machine, "model": args.model, "level": args.level, "tokens": args.tokens,
-                               "tokens_generated": tokens, "note": note, "rows": rows}, indent=2))
+    out = write_json(Path(args.out), {"machine": machine_info(), "model": args.model, "level": args.level,
+                                      "tokens": args.tokens, "tokens_generated": tokens, "note": note, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -1,6 +1,6 @@
 """What each level keeps of a model's 16-bit answers, per backend and configuration, with its bytes.
 
-    python benchmarks/quality.py --models smollm2-135m [--configs default]
+    python -m benchmarks.quality --models smollm2-135m [--configs default]
 
 For each model and each configuration (a level, the backend that stores it, its group size and
 scale algorithm, and which layers mixed precision keeps one level up), a fresh forced load gives:
@@ -15,34 +15,29 @@ scale algorithm, and which layers mixed precision keeps one level up), a fresh f
 
 16-bit runs first: it is the reference for agreement and for which probe facts count.
 Writes the table to stdout and ``benchmarks/results/quality.json`` (with machine info).
-Timings here are incidental (load seconds); speed is ``benchmarks/levels.py``'s job.
+Timings here are incidental (load seconds); speed is ``benchmarks.levels``'s job.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from common import MB, machine_info, model_folder, print_table, quiet_loader, write_json  # noqa: E402
-from langchain_adaptquant.backends import registry  # noqa: E402
-from langchain_adaptquant.backends.base import QuantizationBackend  # noqa: E402
-from langchain_adaptquant.backends.int2pack import Int2PackBackend  # noqa: E402
-from langchain_adaptquant.backends.torchao import TorchAOBackend  # noqa: E402
-from langchain_adaptquant.control.layer_plan import DEFAULT_MIXED_PRECISION, UNIFORM, MixedPrecision  # noqa: E402
-from langchain_adaptquant.control.levels import QuantizationLevel  # noqa: E402
-from langchain_adaptquant.runtime.quality import (  # noqa: E402
+from benchmarks.common import MB, RESULTS, machine_info, model_folder, print_table, quiet_loader, write_json
+from langchain_adaptquant.backends import registry
+from langchain_adaptquant.backends.base import QuantizationBackend
+from langchain_adaptquant.backends.int2pack import Int2PackBackend
+from langchain_adaptquant.backends.torchao import TorchAOBackend
+from langchain_adaptquant.control.layer_plan import DEFAULT_MIXED_PRECISION, UNIFORM, MixedPrecision
+from langchain_adaptquant.control.levels import QuantizationLevel
+from langchain_adaptquant.runtime.quality import (
     PROBE_PROMPTS,
     PROFILE_TOKENS,
     TextScore,
@@ -53,7 +48,7 @@ from langchain_adaptquant.runtime.quality import (  # noqa: E402
     text_ids,
 )
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality.json"
+DEFAULT_OUT = RESULTS / "quality.json"
 INT2 = frozenset({QuantizationLevel.INT2})
 
 
@@ -177,7 +172,7 @@ def bench_config(name: str, folder: Path, config: Config, ids: list[int], args: 
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m",
                         help="comma-separated model folders, pulled catalog names (smollm2-135m), 'reference' or model-zoo names")
     parser.add_argument("--configs", default="all", help="'all', 'default', or comma-separated config names")

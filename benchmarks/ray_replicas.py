@@ -1,6 +1,6 @@
 """Throughput of 1 vs 2 Ray Serve replicas on this machine, through Serve's HTTP proxy.
 
-    python benchmarks/ray_replicas.py [--models reference,PATH] [--requests 48] [--concurrency 4] [--max-tokens 32]
+    python -m benchmarks.ray_replicas [--models reference,PATH] [--requests 48] [--concurrency 4] [--max-tokens 32]
 
 One local Ray cluster (2 CPUs) runs three deployments of the same app in turn, each measured with
 the same closed-loop load (``--concurrency`` clients, ``--requests`` chat completions, greedy):
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,11 +31,7 @@ from typing import Any, Iterator, Optional
 
 import httpx
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:
-    sys.path.insert(0, str(_HERE))
-
-from common import machine_info, print_table, resolve, write_json  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, print_table, resolve, write_json
 
 LOCK = "/tmp/adaptquant-bench.lock"
 BUDGET_GB = 4.0
@@ -142,14 +137,14 @@ def measure(setup: Setup, model: str, url: str, args: argparse.Namespace) -> Row
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_replicas", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="reference", help="comma-separated: 'reference' or model folders, "
                         "e.g. reference,smollm2-135m")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--concurrency", type=int, default=4, help="clients; above 5 per replica the policy "
                         "trades precision for load even at quality priority")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--out", default=str(_HERE / "results" / "ray_replicas.json"))
+    parser.add_argument("--out", default=str(RESULTS / "ray_replicas.json"))
     args = parser.parse_args(argv)
 
     import ray

@@ -1,8 +1,8 @@
 """Evaluate grade-level simplification per quantization level: grade hit, facts kept, attempts, latency.
 
-    python benchmarks/simplify_eval.py                       # embedded reference model, fp16,int8,int4
-    python benchmarks/simplify_eval.py --model PATH          # any local causal LM, unchanged
-    python benchmarks/simplify_eval.py --fake --limit 2      # smoke-test the harness without a model
+    python -m benchmarks.simplify_eval                       # embedded reference model, fp16,int8,int4
+    python -m benchmarks.simplify_eval --model PATH          # any local causal LM, unchanged
+    python -m benchmarks.simplify_eval --fake --limit 2      # smoke-test the harness without a model
 
 The passages below were written for this benchmark (80-200 words each, several subjects, each with a
 target grade). "Hit" means the Flesch-Kincaid grade of the result is within +-1 of the target, a
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import re
 import sys
@@ -27,7 +26,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "simplify_eval.json"
+from benchmarks.common import RESULTS, write_json
+
+DEFAULT_OUTPUT = RESULTS / "simplify_eval.json"
 DEFAULT_LEVELS = "fp16,int8,int4"
 
 
@@ -311,7 +312,7 @@ def _positive(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.simplify_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", type=_levels, default=_levels(DEFAULT_LEVELS), help="comma-separated levels")
     parser.add_argument("--model", default=None, help="model folder or cache name (default: embedded reference)")
     parser.add_argument("--fake", action="store_true", help="use an echo model: tests the harness, not a model")
@@ -358,8 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "summary": summary,
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(args.output, report)
     print(format_table(rows))
     print()
     for level, numbers in summary.items():

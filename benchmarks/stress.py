@@ -1,6 +1,6 @@
 """Many concurrent requests while memory swings and the model switches levels under them.
 
-    python benchmarks/stress.py [--model PATH] [--requests 600] [--threads 8] [--tasks 8]
+    python -m benchmarks.stress [--model PATH] [--requests 600] [--threads 8] [--tasks 8]
 
 Thread clients call ``invoke`` and asyncio clients ``ainvoke`` on one ChatAdaptQuant while a
 scripted probe swings memory through the policy's bands, so switches happen mid-run. All of them
@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
-import platform
 import statistics
 import threading
 import time
@@ -26,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from benchmarks.common import RESULTS, machine_info, write_json
 from langchain_adaptquant.control.resources import process_status
 
 PROMPTS = (
@@ -170,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from langchain_adaptquant.backends.registry import available_levels
     from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.stress", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(reference_model_path()))
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--threads", type=int, default=8)
@@ -178,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--budget-gb", type=float, default=8.0, help="memory the scripted probe pretends to have")
     parser.add_argument("--swing-every-s", type=float, default=1.0, help="seconds between memory swings")
-    parser.add_argument("--out", default="benchmarks/results/stress.json")
+    parser.add_argument("--out", default=str(RESULTS / "stress.json"))
     args = parser.parse_args(argv)
 
     probe = ScriptedProbe(total_gb=args.budget_gb, used_percent=10)
@@ -193,10 +192,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                            "active_after": manager.tracker.stats().active, "clients": args.threads + args.tasks}
     for key, value in summary_with_checks.items():
         print(f"{key:28s} {value}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"platform": platform.platform()}, "model": args.model,
-                               "summary": summary_with_checks, "outcomes": [asdict(o) for o in report.outcomes]}, indent=1))
+    out = write_json(Path(args.out), {"machine": machine_info(), "model": args.model, "summary": summary_with_checks,
+                                      "outcomes": [asdict(o) for o in report.outcomes]}, indent=1)
     print(f"wrote {out}")
 
 

@@ -1,6 +1,6 @@
 """Cost of an in-place switch vs a cold reload, per step of 16-bit -> INT8 -> INT4 -> INT2 -> INT4 -> 16-bit.
 
-    python benchmarks/switch.py [--models reference,llama-150m] [--passes 2] [--no-layer-cache]
+    python -m benchmarks.switch [--models reference,llama-150m] [--passes 2] [--no-layer-cache]
                                 [--out benchmarks/results/switch.json]
 
 The chain runs ``--passes`` times on one loaded model. Pass 1 visits each level for the first time:
@@ -24,79 +24,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
+from benchmarks.common import MB, RESULTS, machine_info, measured, read_status, resolve, write_json
 from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
 from langchain_adaptquant.control.levels import QuantizationLevel
-from langchain_adaptquant.control.resources import process_status, reset_peak_rss
 from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 from langchain_adaptquant.runtime.os_memory import release_memory
-from langchain_adaptquant.units import MIB as MB
 
 CHAIN = ("int8", "int4", "int2", "int4", "fp16")
-
-
-def read_status() -> dict[str, int]:
-    """The kernel's memory figures for this process (``control.resources.process_status``), keyed
-    as /proc/self/status names them."""
-    status = process_status()
-    return {"VmRSS": status.rss, "VmHWM": status.peak_rss, "RssAnon": status.anon, "RssFile": status.file}
-
-
-def reset_peak() -> None:
-    """Reset the peak RSS to the current RSS (``control.resources.reset_peak_rss``)."""
-    reset_peak_rss()
-
-
-class AnonSampler:
-    """Samples RssAnon every ``interval`` seconds in a thread; ``peak`` is the highest seen."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, read_status()["RssAnon"])
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "AnonSampler":
-        self.peak = read_status()["RssAnon"]
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, read_status()["RssAnon"])
-
-
-def measured(action: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
-    gc.collect()
-    release_memory()
-    before = read_status()
-    reset_peak()
-    started = time.perf_counter()
-    with AnonSampler() as sampler:
-        result = action()
-    seconds = time.perf_counter() - started
-    peak = read_status()
-    return result, {
-        "seconds": seconds,
-        "rss_before_mb": before["VmRSS"] / MB,
-        "anon_before_mb": before["RssAnon"] / MB,
-        "peak_rss_mb": peak["VmHWM"] / MB,
-        "peak_anon_mb": sampler.peak / MB,
-    }
 
 
 def touch(model: Any) -> None:
@@ -193,28 +133,12 @@ def bench_model(name: str, folder: Path, passes: int = 2, layer_cache: bool = Tr
     return rows
 
 
-def resolve(name: str) -> Path:
-    if Path(name).is_dir():
-        return Path(name)
-    if name == "reference":
-        from langchain_adaptquant.assets import reference_model_path
-
-        return reference_model_path()
-    from langchain_adaptquant.pretrained import CATALOG, model_path
-
-    if name in CATALOG:
-        return model_path(name)  # a pulled real model (a clear error says how to pull it)
-    from langchain_adaptquant.model_zoo import build_random_model
-
-    return build_random_model(name)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="in-place switch vs cold reload")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.switch", description="in-place switch vs cold reload")
     parser.add_argument("--models", default="reference,llama-150m")
     parser.add_argument("--passes", type=int, default=2, help="times the chain runs (later ones revisit levels)")
     parser.add_argument("--no-layer-cache", action="store_true", help="quantize every switch from the weights")
-    parser.add_argument("--out", default="benchmarks/results/switch.json")
+    parser.add_argument("--out", default=str(RESULTS / "switch.json"))
     args = parser.parse_args(argv)
     if args.passes < 1:
         parser.error(f"--passes must be at least 1, got {args.passes}")
@@ -230,11 +154,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(" | ".join("---" for _ in header))
     for row in rows:
         print(" | ".join(str(row[h]) for h in header))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-               "threads": torch.get_num_threads()}
-    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    out = write_json(Path(args.out), {"machine": machine_info(), "rows": rows})
     print(f"wrote {out}")
 
 

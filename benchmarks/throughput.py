@@ -1,7 +1,7 @@
 """Concurrent clients: the per-request path (one ``model.generate`` per request, each in its own
 thread) against the generation engine (one worker decoding every request in flight as a batch).
 
-    python benchmarks/throughput.py --model /work/models/smollm2-135m-instruct [--level fp16]
+    python -m benchmarks.throughput --model /work/models/smollm2-135m-instruct [--level fp16]
         [--clients 1,4,16,32] [--tokens 32] [--min-requests 16]
 
 Both paths run in one process, on the same loaded model at one pinned level, with the same
@@ -24,28 +24,31 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from common import MB, machine_info, print_table, quiet_loader, read_status, reset_peak, write_json  # noqa: E402
-from levels import bytes_read_per_token, copy_bandwidth  # noqa: E402
-
-from langchain_adaptquant import ChatAdaptQuant  # noqa: E402
-from langchain_adaptquant.runtime import generation  # noqa: E402
-from langchain_adaptquant.control.load_tracker import nearest_rank  # noqa: E402
-from langchain_adaptquant.runtime.loader import LoadedModel  # noqa: E402
-from langchain_adaptquant.runtime import EngineConfig, GenerationEngine  # noqa: E402
+from benchmarks.common import (
+    MB,
+    RESULTS,
+    bytes_read_per_token,
+    copy_bandwidth,
+    machine_info,
+    print_table,
+    quiet_loader,
+    read_status,
+    reset_peak,
+    write_json,
+)
+from langchain_adaptquant import ChatAdaptQuant
+from langchain_adaptquant.control.load_tracker import nearest_rank
+from langchain_adaptquant.runtime import EngineConfig, GenerationEngine, generation
+from langchain_adaptquant.runtime.loader import LoadedModel
 
 PROMPTS = (
     "What is a list in Python?",
@@ -154,6 +157,8 @@ def decode_overhead(loaded: LoadedModel, llm: ChatAdaptQuant, ids: torch.Tensor,
         return time.perf_counter() - started
 
     def forward_loop(n: int) -> float:
+        # A decode loop of its own on purpose: what a step costs with no loop around it (no
+        # generate, no engine), the floor the two library paths above are compared with.
         from transformers import DynamicCache
 
         with torch.no_grad():
@@ -220,7 +225,7 @@ def switch_under_batch(llm: ChatAdaptQuant, loaded: LoadedModel, clients: int, t
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model folder, e.g. /work/models/smollm2-135m-instruct")
     parser.add_argument("--level", default="fp16")
     parser.add_argument("--clients", default="1,4,16,32")
@@ -232,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--switch-to", default="int8", help="level of the switch under a full batch ('' skips)")
     parser.add_argument("--also-padded", action="store_true",
                         help="also measure the engine with one masked attention call per layer (attention='padded')")
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     clients = [int(c) for c in args.clients.split(",")]

@@ -41,7 +41,7 @@ RUN = (
     'rm -rf .devicepkgs/transformers .devicepkgs/transformers-5.24.0.dist-info; '
     '}; '
     'python3 -c "import sys,torch,transformers,pydantic;print(sys.version.split()[0],torch.__version__,torch.version.cuda,torch.cuda.is_available(),transformers.__version__,transformers.__file__,pydantic.__version__)" 2>&1 | tee $OUT/versions.txt; '
-    'timeout -k 10 270 python3 benchmarks/cuda_check.py --out $OUT/cuda_check.json 2>&1 | tee $OUT/log.txt'
+    'timeout -k 10 270 python3 -m benchmarks.cuda_check --out $OUT/cuda_check.json 2>&1 | tee $OUT/log.txt'
 )
 PYDANTIC_CORE = "pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl"
 TRANSFORMERS = "transformers-5.24.0-py3-none-any.whl"

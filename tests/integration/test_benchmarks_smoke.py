@@ -5,11 +5,10 @@ Numbers are not checked, only shapes: timings on a shared CI machine mean nothin
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ import pytest
 from langchain_adaptquant.backends.registry import available_levels
 from langchain_adaptquant.control.replay import EXAMPLE_TIMELINE
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 LEVELS = [level.value for level in available_levels("cpu")]
 HELDOUT = (
     "Return a list of the words in the string, using sep as the delimiter string.\n\n"
@@ -26,11 +24,7 @@ HELDOUT = (
 
 
 def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"adaptquant_bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")  # the repository root is on pytest's pythonpath
 
 
 @pytest.fixture(scope="module")

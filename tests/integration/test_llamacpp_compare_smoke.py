@@ -6,9 +6,9 @@ everywhere, each engine in its own process); timings on a shared machine mean no
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +18,7 @@ HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def _compare_module():
-    spec = importlib.util.spec_from_file_location("adaptquant_bench_llamacpp_compare", BENCHMARKS / "llamacpp_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.llamacpp_compare")  # the repository root is on pytest's pythonpath
 
 
 def _check_our_row(row: dict, level: str, new_tokens: int) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -29,12 +28,7 @@ FAST = PolicyConfig(upgrade_cooldown_s=0.3, load_downgrade_delay_s=0.3)
 
 
 def _stress_module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "stress.py"
-    spec = importlib.util.spec_from_file_location("adaptquant_stress", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.stress")  # the repository root is on pytest's pythonpath
 
 
 def make_llm(folder, probe=None, policy=FAST, **kwargs):

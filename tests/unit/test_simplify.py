@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
+import importlib
 import io
 import json
 import re
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -34,8 +33,6 @@ from langchain_adaptquant.pipelines.simplify import (
     simplify_text,
 )
 from langchain_adaptquant.pipelines.simplify_cli import add_simplify_command
-
-REPO = Path(__file__).resolve().parents[2]
 
 HARD = (
     "Photosynthesis is the biochemical process through which chlorophyll-containing organisms, including "
@@ -507,11 +504,8 @@ def test_cli_bad_input_returns_2_without_calling_the_model(tmp_path, monkeypatch
 # --- the evaluation harness -------------------------------------------------------------------------
 
 
-def test_eval_harness_smoke_with_a_fake_model(tmp_path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("simplify_eval", REPO / "benchmarks" / "simplify_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "simplify_eval", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
+def test_eval_harness_smoke_with_a_fake_model(tmp_path, capsys):
+    module = importlib.import_module("benchmarks.simplify_eval")  # the repository root is on pytest's pythonpath
     assert len(module.PASSAGES) >= 12
     assert all(80 <= len(p.text.split()) <= 200 for p in module.PASSAGES)
     assert len({p.subject for p in module.PASSAGES}) >= 8
