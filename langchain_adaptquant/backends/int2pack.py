@@ -28,6 +28,7 @@ size, group size 32/64/128/256, bf16 activations, CPU only. Other layers fall to
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -49,6 +50,14 @@ ALGORITHMS = ("minmax", "hqq")
 #: The int4 packing tiles output rows by 16 on CPU.
 OUT_MULTIPLE = 16
 _LOW_BITS = 0x33333333  # bits 0-1 and 4-5 of every byte: the two significant bits of each nibble
+#: Rows the CPU int4 packing lays out together (torch 2.13: blocks of 64 output rows; a block of 16
+#: or 32 rows packs differently). Checked once per process (:func:`_packing_is_row_blocked`).
+PACK_TILE_ROWS = 64
+#: Output rows quantized and packed at a time. Groups run along a row, and blocks that start on a
+#: packing tile give exactly the rows of the whole-tensor result (bit for bit: tests/unit/test_int2pack.py),
+#: so only one block's float32 copy, HQQ work tensors and int32 codes exist at once instead of the
+#: layer's (about 20 bytes per weight: 60 MB on a 1024x2816 layer).
+ROWS_PER_BLOCK = 256
 
 
 def _expand(stored: torch.Tensor, packed_shape: torch.Size) -> torch.Tensor:
@@ -105,6 +114,55 @@ def quantize_int2(weight: torch.Tensor, group_size: int, algorithm: str) -> tupl
     return codes.reshape(n, k).to(torch.int32), scale.reshape(n, -1).float(), zero.reshape(n, -1).float()
 
 
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (any integer dtype) in the CPU int4 kernel's layout [N, K/2] uint8."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    if packed.shape != torch.Size((codes.shape[0], codes.shape[1] // 2)):
+        raise BackendError(f"this CPU's int4 packing gave shape {tuple(packed.shape)} for codes of shape "
+                           f"{tuple(codes.shape)}; cannot store them in 2 bits")
+    return packed
+
+
+@functools.lru_cache(maxsize=1)
+def _packing_is_row_blocked() -> bool:
+    """Whether packing whole tiles of rows separately gives the whole tensor's layout on this torch/CPU."""
+    codes = torch.arange(3 * PACK_TILE_ROWS * 64, dtype=torch.int32).reshape(3 * PACK_TILE_ROWS, 64) % 4
+    codes = codes[:-OUT_MULTIPLE]  # a short last tile, as layers have
+    blocks = torch.cat([_pack(codes[i:i + PACK_TILE_ROWS]) for i in range(0, codes.shape[0], PACK_TILE_ROWS)])
+    return torch.equal(blocks, _pack(codes))
+
+
+def quantize_and_pack(
+    weight: torch.Tensor, group_size: int, algorithm: str, rows_per_block: int = ROWS_PER_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes in the CPU int4 layout [N, K/2] uint8, scale [N, K/g], zero [N, K/g]), computed
+    ``rows_per_block`` output rows at a time so a layer's temporaries never exist all at once.
+
+    Where packing is not row-blocked (another torch), the codes are kept one byte each and packed
+    at the end in one call: more memory than by blocks, still a quarter of the int32 codes."""
+    if rows_per_block % PACK_TILE_ROWS:
+        raise InvalidValueError("rows_per_block", rows_per_block, f"a multiple of {PACK_TILE_ROWS}")
+    n, k = weight.shape
+    blocked = _packing_is_row_blocked()
+    packed = torch.empty((n, k // 2), dtype=torch.uint8) if blocked else None
+    codes8 = None if blocked else torch.empty((n, k), dtype=torch.uint8)
+    scale = torch.empty((n, k // group_size), dtype=torch.float32)
+    zero = torch.empty_like(scale)
+    for start in range(0, n, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, n))
+        codes, scale[rows], zero[rows] = quantize_int2(weight[rows], group_size, algorithm)
+        if packed is not None:
+            packed[rows] = _pack(codes)
+        else:
+            assert codes8 is not None
+            codes8[rows] = codes
+        del codes
+    if packed is None:
+        assert codes8 is not None
+        packed = _pack(codes8)
+    return packed, scale, zero
+
+
 class Int2PackBackend(QuantizationBackend):
     """INT2 weights, 2 bits each, computed by torch's CPU int4 kernel (see the module docstring)."""
 
@@ -136,9 +194,8 @@ class Int2PackBackend(QuantizationBackend):
     def _quantize(self, linear: nn.Linear, level: QuantizationLevel, device: DeviceLike) -> nn.Module:
         from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
-        codes, scale, zero = quantize_int2(linear.weight, self.group_size, self.algorithm)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        if packed.shape != torch.Size((linear.out_features, linear.in_features // 2)) or bool((packed & 0xCC).any()):
+        packed, scale, zero = quantize_and_pack(linear.weight, self.group_size, self.algorithm)
+        if bool((packed & 0xCC).any()):
             raise BackendError("this CPU's int4 packing changes the codes' bits; cannot store them in 2 bits")
         flat = packed.reshape(-1)
         half = flat.numel() // 2

@@ -8,7 +8,7 @@ from torch import nn
 
 from langchain_adaptquant.runtime.accounting import stored_bytes
 from langchain_adaptquant.backends.base import BackendError
-from langchain_adaptquant.backends.int2pack import Int2PackBackend, Int2PackedLinear, quantize_int2
+from langchain_adaptquant.backends.int2pack import Int2PackBackend, Int2PackedLinear, quantize_and_pack, quantize_int2
 from langchain_adaptquant.errors import InvalidValueError
 
 
@@ -83,3 +83,30 @@ def test_shapes_the_kernel_cannot_take_are_refused_for_the_next_backend():
 def test_bad_settings_are_clear_errors(kwargs, named):
     with pytest.raises(InvalidValueError, match=named):
         Int2PackBackend(**kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["minmax", "hqq"])
+@pytest.mark.parametrize("out_features", [2816, 2832])  # 2832 rows end in a short packing tile (16 rows)
+def test_quantizing_in_row_blocks_gives_the_whole_layers_result_bit_for_bit(algorithm, out_features):
+    weight = linear(1024, out_features).weight
+    whole_codes, whole_scale, whole_zero = quantize_int2(weight, 32, algorithm)
+    whole_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(whole_codes, 1)
+    for rows in (4096, 256, 192):  # one block; even blocks; a short last block
+        packed, scale, zero = quantize_and_pack(weight, 32, algorithm, rows_per_block=rows)
+        assert torch.equal(packed, whole_packed), rows
+        assert torch.equal(scale, whole_scale) and torch.equal(zero, whole_zero), rows
+
+
+def test_a_row_block_the_packing_cannot_tile_is_refused():
+    with pytest.raises(InvalidValueError, match="rows_per_block: 40; allowed: a multiple of 64"):
+        quantize_and_pack(linear(64, 64).weight, 32, "minmax", rows_per_block=40)
+
+
+def test_where_packing_is_not_row_blocked_the_codes_are_packed_once_with_the_same_result(monkeypatch):
+    from langchain_adaptquant.backends import int2pack
+
+    weight = linear(256, 2832).weight
+    blocked = quantize_and_pack(weight, 32, "minmax")
+    monkeypatch.setattr(int2pack, "_packing_is_row_blocked", lambda: False)  # as on a torch that tiles otherwise
+    whole = quantize_and_pack(weight, 32, "minmax")
+    assert all(torch.equal(a, b) for a, b in zip(blocked, whole))
