@@ -133,8 +133,9 @@ def measure_levels(folder: Path, levels: Sequence[str]) -> dict[str, dict[str, A
 
 def budget_bytes(folder: Path, fp16_share: float) -> int:
     """The scripted machine's size: the model's 16-bit estimate is ``fp16_share`` of it."""
-    from langchain_adaptquant.control.sizing import size_from_config
     from transformers import AutoConfig
+
+    from langchain_adaptquant.control.sizing import size_from_config
 
     size = size_from_config(AutoConfig.from_pretrained(str(folder)))
     return int(size.estimated_bytes("fp16") / fp16_share)

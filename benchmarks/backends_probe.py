@@ -191,8 +191,8 @@ def probe(repeats: int, device: str = "cpu", models: tuple[str, ...] = tuple(SHA
                     quantize_s = time.perf_counter() - started
                     with torch.no_grad():
                         error = _relative_error(module(prefill_x), reference)
-                        decode_s, decode_min = _timings(lambda: module(decode_x), repeats)
-                        prefill_s, prefill_min = _timings(lambda: module(prefill_x), max(3, repeats // 2))
+                        decode_s, decode_min = _timings(lambda m=module, x=decode_x: m(x), repeats)
+                        prefill_s, prefill_min = _timings(lambda m=module, x=prefill_x: m(x), max(3, repeats // 2))
                 except Exception as exc:  # report, keep probing the rest
                     rows.append({**row, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]})
                     continue

@@ -91,7 +91,7 @@ def model_folder(name: str) -> Path:
 def quiet_loader(total_gb: float = 256.0, used_percent: float = 10.0, policy: Optional["PolicyConfig"] = None,
                  clock: Any = None) -> tuple["AdaptiveModelLoader", "ScriptedProbe"]:
     """A loader whose manager sees a scripted machine, so benchmarks decide the same way on any host."""
-    from langchain_adaptquant import AdaptiveModelLoader, DynamicQuantizationManager, ScriptedProbe
+    from langchain_adaptquant import AdaptiveModelLoader, ScriptedProbe, serving_manager
 
     probe = ScriptedProbe(total_gb=total_gb, used_percent=used_percent)
     kwargs: dict[str, Any] = {"probe": probe, "snapshot_ttl_s": 0.0}
@@ -99,7 +99,7 @@ def quiet_loader(total_gb: float = 256.0, used_percent: float = 10.0, policy: Op
         kwargs["policy"] = policy
     if clock is not None:
         kwargs["clock"] = clock
-    manager = DynamicQuantizationManager(**kwargs)
+    manager = serving_manager(**kwargs)
     return AdaptiveModelLoader(manager=manager, show_progress=False), probe
 
 

@@ -54,6 +54,7 @@ _HERE = Path(__file__).resolve().parent
 
 T0 = time.perf_counter()
 from langchain_adaptquant.units import MIB as MB  # noqa: E402
+
 LEVELS = ("fp16", "int8", "int4", "int2")
 CHAIN = ("int8", "int4", "int2", "int4", "fp16")
 INFLIGHT_CHAIN = ("int8", "int4", "fp16")
@@ -316,8 +317,8 @@ def layer_row(label: str, level: str, shape: tuple[int, int, bool], quantize: Ca
     import torch
     from torch import nn
 
-    from langchain_adaptquant.runtime.accounting import stored_bytes
     from langchain_adaptquant.backends.base import compute_dtype
+    from langchain_adaptquant.runtime.accounting import stored_bytes
 
     in_f, out_f, bias = shape
     row: dict[str, Any] = {"backend": label, "level": level, "shape": f"{in_f}->{out_f}", "bias": bias, "ok": False}
@@ -367,10 +368,10 @@ def layer_row(label: str, level: str, shape: tuple[int, int, bool], quantize: Ca
 def check_backends(args: argparse.Namespace, dev: Device, state: dict[str, Any], result: dict[str, Any]) -> None:
     from langchain_adaptquant.backends.base import device_type
     from langchain_adaptquant.backends.registry import (
-        preference,
         all_backends,
         available_levels,
         backend_preference,
+        preference,
         quantize_linear_with_fallback,
     )
 
@@ -433,12 +434,16 @@ def row_line(row: dict[str, Any]) -> str:
 
 
 def make_loader(args: argparse.Namespace) -> Any:
-    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
     from langchain_adaptquant.control.manager import DynamicQuantizationManager
     from langchain_adaptquant.control.resources import ScriptedProbe
+    from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
+    try:  # the installed backends' levels and settings (older packages: the manager asked them itself)
+        from langchain_adaptquant.runtime.loader import serving_manager as make_manager
+    except ImportError:
+        make_manager = DynamicQuantizationManager
     kind = Device(args.device).kind
-    manager = DynamicQuantizationManager(
+    manager = make_manager(
         probe=ScriptedProbe(total_gb=256, used_percent=10, device=kind), snapshot_ttl_s=0, device=args.device
     )
     extra: dict[str, Any] = {}
@@ -789,7 +794,7 @@ def check_inflight(args: argparse.Namespace, dev: Device, state: dict[str, Any],
         "outputs": outputs[:12],
         "ok": bool(outputs) and not errors and all(o["non_empty"] for o in outputs) and all(s["ok"] for s in switches),
     })
-    del loaded
+    loaded = None  # the worker has joined: drop our reference so clear() frees the model  # noqa: F841
     loader.clear()
     dev.cleanup()
 

@@ -292,11 +292,11 @@ class AdaptQuantEngine:
     def __init__(self, config: dict[str, Any]) -> None:
         import torch
 
-        from langchain_adaptquant import AdaptiveModelLoader, ChatAdaptQuant, DynamicQuantizationManager
+        from langchain_adaptquant import AdaptiveModelLoader, ChatAdaptQuant, serving_manager
 
         torch.set_num_threads(config["threads"])
         self._torch = torch
-        loader = AdaptiveModelLoader(manager=DynamicQuantizationManager(), show_progress=False)
+        loader = AdaptiveModelLoader(manager=serving_manager(), show_progress=False)
         started = time.perf_counter()
         self.loaded = loader.load_model(config["path"], force_quantization=config["level"])
         self.load_s = time.perf_counter() - started
@@ -502,8 +502,8 @@ def engine_specs(gguf: Optional[Path], model: Path, levels: Sequence[str]) -> li
 def parse_levels(text: Optional[str]) -> tuple[list[str], list[str]]:
     """(levels to run, notes on levels this CPU has no backend for); unknown names are an error."""
     from langchain_adaptquant.backends.registry import available_levels
-    from langchain_adaptquant.errors import InvalidValueError
     from langchain_adaptquant.control.levels import QuantizationLevel
+    from langchain_adaptquant.errors import InvalidValueError
 
     here = [level.value for level in available_levels("cpu")]
     if text is None:

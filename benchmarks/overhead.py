@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import RESULTS, machine_info, write_json
-from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, reference_model_path
+from langchain_adaptquant import ChatAdaptQuant, reference_model_path, serving_manager
 from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
 PROMPT = "Explain in one sentence what a Python list is."
@@ -35,7 +35,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", default=str(RESULTS / "overhead.json"))
     args = parser.parse_args(argv)
 
-    manager = DynamicQuantizationManager()
+    manager = serving_manager()
     loader = AdaptiveModelLoader(manager=manager, show_progress=False)
     loaded = loader.load_model(args.model, force_quantization=args.level)
     model, tokenizer = loaded.model, loaded.tokenizer

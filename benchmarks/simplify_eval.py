@@ -302,7 +302,7 @@ def _levels(value: str) -> list[str]:
     try:
         return [QuantizationLevel.parse(part).value for part in value.split(",") if part.strip()]
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive(value: str) -> int:
@@ -327,10 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     passages = PASSAGES[: args.limit] if args.limit else PASSAGES
-    if args.fake:
-        make_model: Callable[[str], Any] = lambda level: EchoFirstSentences(level=level)
-    else:
-        make_model = lambda level: _real_model(level, args.model, args.max_tokens)
+    def make_model(level: str) -> Any:
+        if args.fake:
+            return EchoFirstSentences(level=level)
+        return _real_model(level, args.model, args.max_tokens)
+
     from langchain_adaptquant.errors import AdaptQuantError
 
     try:

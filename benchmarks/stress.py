@@ -165,7 +165,13 @@ def mismatches(report: LoadReport, reference: dict[str, dict[str, str]]) -> list
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from langchain_adaptquant import ChatAdaptQuant, DynamicQuantizationManager, PolicyConfig, ScriptedProbe, reference_model_path
+    from langchain_adaptquant import (
+        ChatAdaptQuant,
+        PolicyConfig,
+        ScriptedProbe,
+        reference_model_path,
+        serving_manager,
+    )
     from langchain_adaptquant.backends.registry import available_levels
     from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 
@@ -182,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     probe = ScriptedProbe(total_gb=args.budget_gb, used_percent=10)
     policy = PolicyConfig(upgrade_cooldown_s=0.3, load_downgrade_delay_s=0.3)
-    manager = DynamicQuantizationManager(probe=probe, policy=policy, snapshot_ttl_s=0)
+    manager = serving_manager(probe=probe, policy=policy, snapshot_ttl_s=0)
     loader = AdaptiveModelLoader(manager=manager, show_progress=False)
     llm = ChatAdaptQuant(model=args.model, loader=loader, max_tokens=args.max_tokens, temperature=0)
     levels = [level.value for level in available_levels("cpu")]

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks.common import MB, RESULTS, machine_info, measured, read_status, resolve, write_json
-from langchain_adaptquant import DynamicQuantizationManager, ScriptedProbe
+from langchain_adaptquant import ScriptedProbe, serving_manager
 from langchain_adaptquant.control.levels import QuantizationLevel
 from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
 from langchain_adaptquant.runtime.os_memory import release_memory
@@ -67,7 +67,7 @@ def cold_load(folder: Path, level: str) -> Any:
 
 
 def bench_model(name: str, folder: Path, passes: int = 2, layer_cache: bool = True) -> list[dict[str, Any]]:
-    manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=256, used_percent=10), snapshot_ttl_s=0)
+    manager = serving_manager(probe=ScriptedProbe(total_gb=256, used_percent=10), snapshot_ttl_s=0)
     # uniform levels: the cold reloads it is compared with quantize every layer at the level
     from langchain_adaptquant.control.layer_plan import UNIFORM
 
@@ -79,14 +79,14 @@ def bench_model(name: str, folder: Path, passes: int = 2, layer_cache: bool = Tr
     previous = "fp16"
     for step, target in [(p + 1, level) for p in range(passes) for level in CHAIN]:
         after_prev = read_status()
-        record, stats = measured(lambda: (loader.requantize(loaded, target), touch(loaded.model))[0])
+        record, stats = measured(lambda target=target: (loader.requantize(loaded, target), touch(loaded.model))[0])
         flush_started = time.perf_counter()
         loader.layer_cache.flush()
         cache_write_s = time.perf_counter() - flush_started
         release_memory()
         after = read_status()
         # the cold reload of the target level, while the current model is still held (reload-based switching)
-        cold_model, cold = measured(lambda: cold_load(folder, target))
+        cold_model, cold = measured(lambda target=target: cold_load(folder, target))
         cold_peak_anon = cold["peak_anon_mb"]
         del cold_model
         gc.collect()

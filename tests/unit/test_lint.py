@@ -1,7 +1,7 @@
-"""ruff and mypy, configured in pyproject.toml, pass on the package.
+"""ruff and mypy, configured in pyproject.toml, pass on the package (ruff on the benchmarks too).
 
 They run as subprocesses from the repository root so they read its pyproject.toml, exactly as a
-developer's ``ruff check langchain_adaptquant`` / ``mypy langchain_adaptquant`` would. mypy keeps
+developer's ``ruff check langchain_adaptquant benchmarks`` / ``mypy langchain_adaptquant`` would. mypy keeps
 its cache in ``.mypy_cache`` (git-ignored): the first run reads torch and transformers (about a
 minute on two cores), later runs take seconds.
 """
@@ -25,8 +25,8 @@ def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=540, check=False)
 
 
-def test_ruff_is_clean_on_the_package() -> None:
-    done = _run("ruff", "check", "--no-cache", "langchain_adaptquant")
+def test_ruff_is_clean_on_the_package_and_the_benchmarks() -> None:
+    done = _run("ruff", "check", "--no-cache", "langchain_adaptquant", "benchmarks")
     assert done.returncode == 0, f"ruff found problems:\n{done.stdout}\n{done.stderr}"
 
 
