@@ -86,6 +86,13 @@ def serving_facts(loaded: LoadedModel) -> ServingFacts:
     )
 
 
+def _mixed_precision(value: Any) -> MixedPrecision:
+    """``value`` when it is a MixedPrecision plan; a clear TypeError otherwise."""
+    if not isinstance(value, MixedPrecision):
+        raise TypeError(f"mixed_precision must be a MixedPrecision, got {type(value).__name__}")
+    return value
+
+
 def _check_manager_levels(manager: DynamicQuantizationManager, device: str) -> None:
     """A manager that may choose a level no installed backend stores would fail loads later: say so now."""
     stored = available_levels(device)
@@ -122,14 +129,13 @@ class AdaptiveModelLoader:
         the quality probe on first visit; see :mod:`langchain_adaptquant.runtime.quality`). The profile
         lives with the cached model; with ``quality_dir`` it is also kept there as
         ``<weights fingerprint>.json`` and read back by later loads of the same weights."""
-        if not isinstance(mixed_precision, MixedPrecision):
-            raise TypeError(f"mixed_precision must be a MixedPrecision, got {type(mixed_precision).__name__}")
+        mixed_precision = _mixed_precision(mixed_precision)
         self.measure_quality_enabled = bool(measure_quality)
         self.quality_dir = Path(quality_dir) if quality_dir is not None else None
-        if manager is not None:
-            _check_manager_levels(manager, device or manager.device)
         self.manager = manager or serving_manager(device=device)
         self.device = device or self.manager.device
+        if manager is not None:
+            _check_manager_levels(manager, self.device)
         self.cache = ModelCache(cache_budget_gb)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
         self.layer_cache = LayerCache(self.cache_dir / "layers", layer_cache_gb)
@@ -153,9 +159,7 @@ class AdaptiveModelLoader:
 
     @mixed_precision.setter
     def mixed_precision(self, value: MixedPrecision) -> None:
-        if not isinstance(value, MixedPrecision):
-            raise TypeError(f"mixed_precision must be a MixedPrecision, got {type(value).__name__}")
-        self.switcher.mixed_precision = value
+        self.switcher.mixed_precision = _mixed_precision(value)
 
     @property
     def show_progress(self) -> bool:

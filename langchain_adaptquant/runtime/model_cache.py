@@ -85,7 +85,7 @@ class ModelCache:
             return []
         budget = int(self.budget_gb * GIB)
         with self._lock:
-            used = sum(m.stored_bytes for m in self._models.values())
+            used = self.total_bytes()
             victims = []
             for candidate in (m for m in self._models.values() if not m.active_requests):
                 if used + needed_bytes <= budget:

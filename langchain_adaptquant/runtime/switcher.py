@@ -65,14 +65,15 @@ def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+@dataclass
 class LayerSwitcher:
-    """Moves one model's Linear layers between levels on ``device``; see the module docstring."""
+    """Moves one model's Linear layers between levels on ``device``; see the module docstring.
+    Mutable on purpose: the loader's ``mixed_precision`` and ``show_progress`` write through to it."""
 
-    def __init__(self, device: str, layer_cache: LayerCache, mixed_precision: MixedPrecision, show_progress: bool) -> None:
-        self.device = device
-        self.layer_cache = layer_cache
-        self.mixed_precision = mixed_precision
-        self.show_progress = show_progress
+    device: str
+    layer_cache: LayerCache
+    mixed_precision: MixedPrecision
+    show_progress: bool
 
     def layer(
         self, source: WeightSource, layer: str, level: QuantizationLevel, backend_name: Optional[str] = None,

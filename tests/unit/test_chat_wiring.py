@@ -68,3 +68,17 @@ def test_a_loader_refuses_a_manager_that_offers_levels_no_backend_stores(tmp_pat
         served = serving_manager(probe=ScriptedProbe(total_gb=16, used_percent=10))
         assert "int2" not in [level.value for level in served.available_levels]
         assert _loader(tmp_path, served).manager is served
+
+
+def test_a_loader_refuses_a_mixed_precision_that_is_not_a_plan_and_keeps_its_own(tmp_path):
+    from langchain_adaptquant.control.layer_plan import UNIFORM
+
+    with pytest.raises(TypeError, match="mixed_precision must be a MixedPrecision, got str"):
+        AdaptiveModelLoader(manager=_manager(), cache_dir=tmp_path, mixed_precision="uniform")
+    loader = _loader(tmp_path)
+    before = loader.mixed_precision
+    with pytest.raises(TypeError, match="mixed_precision must be a MixedPrecision, got dict"):
+        loader.mixed_precision = {}
+    assert loader.mixed_precision is before and loader.switcher.mixed_precision is before
+    loader.mixed_precision = UNIFORM  # a plan writes through to the switcher that uses it
+    assert loader.switcher.mixed_precision is UNIFORM

@@ -106,6 +106,18 @@ def test_catalog_and_available_levels_together_are_rejected():
         DynamicQuantizationManager(catalog=_OnlyTwoLevels(), available_levels=["int8"])
 
 
+class _NothingHere(_OnlyTwoLevels):
+    """A storage layer with no backend for this device."""
+
+    def levels(self, device):
+        return []
+
+
+def test_a_catalog_that_offers_no_level_on_the_device_is_refused_naming_it():
+    with pytest.raises(InvalidValueError, match=r"invalid catalog: .*allowed: one offering at least one level on cpu"):
+        DynamicQuantizationManager(catalog=_NothingHere(), device="cpu")
+
+
 def test_fixed_levels_are_ordered_and_never_empty():
     assert FixedLevels(("int2", "fp16")).levels("cpu") == (QuantizationLevel.FP16, QuantizationLevel.INT2)
     with pytest.raises(InvalidValueError, match="offered levels"):
