@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@echo "llama.cpp runtime: installing llama-cpp-python; the first install compiles llama.cpp (8-9 min on 2 idle cores), later ones take its wheel from pip's cache"
+	-$(BIN)/python -m pip install --progress-bar off -e ".[llamacpp]" | grep -v "^Requirement already satisfied"
+	@$(BIN)/python -c "import llama_cpp; print('llama.cpp runtime ready: llama-cpp-python', llama_cpp.__version__)" 2>/dev/null \
+	  || echo "llama-cpp-python did not install: runtime='auto' serves every model on torch, and the llama.cpp tests are skipped" >&2
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch ' + v + ' is not the pinned 2.13.0')"
 	touch $(STAMP)
 

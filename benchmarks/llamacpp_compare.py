@@ -353,7 +353,60 @@ class AdaptQuantEngine:
                           decode_s=sum(forwards[1:]), decode_steps=len(forwards) - 1)
 
 
-ENGINES = {"llamacpp": LlamaCppEngine, "adaptquant": AdaptQuantEngine}
+class AdaptQuantLlamaEngine:
+    """Ours on the llama.cpp runtime at one forced level: ``ChatAdaptQuant.invoke`` as users call it, and
+    the engine's own ``submit`` on token ids (the loop path)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from langchain_adaptquant.chat_model import ChatAdaptQuant
+        from langchain_adaptquant.runtime.llamacpp.loader import LlamaCppLoader
+        from langchain_adaptquant.runtime.llamacpp.weights import LlamaCppConfig
+
+        loader = LlamaCppLoader(show_progress=False, config=LlamaCppConfig(n_ctx=config["n_ctx"], threads=config["threads"]))
+        started = time.perf_counter()
+        self.loaded = loader.load_model(config["path"], force_quantization=config["level"])
+        self.load_s = time.perf_counter() - started
+        self.engine = loader.engine(self.loaded)
+        self.llm = ChatAdaptQuant(model=config["path"], loader=loader, force_quantization=config["level"],
+                                  temperature=0)
+
+    @staticmethod
+    def import_libraries() -> None:
+        from langchain_adaptquant.chat_model import ChatAdaptQuant  # noqa: F401
+        from langchain_adaptquant.runtime.llamacpp import bindings
+
+        bindings.lib()
+
+    def info(self, prompts: Sequence[RenderedPrompt]) -> dict[str, Any]:
+        import llama_cpp
+
+        loaded = self.loaded
+        return {
+            "library": f"langchain-adaptquant on llama-cpp-python {llama_cpp.__version__}",
+            "level": loaded.level.value, "precision": loaded.precision, "backends": loaded.backend_summary(),
+            "model_mb": round(loaded.stored_bytes / MB, 2), "gguf": str(loaded.files.path(loaded.level)),
+            "torch_imported": "torch" in sys.modules,  # the tokenizer (transformers) still brings it
+        }
+
+    def run(self, prompt: RenderedPrompt, new_tokens: int, path: str) -> CallResult:
+        from langchain_adaptquant.runtime.requests import GenerationRequest, Sampling
+
+        started = time.perf_counter()
+        if path == "public":
+            message = self.llm.invoke(list(prompt.messages), max_tokens=new_tokens, min_new_tokens=new_tokens)
+            seconds = time.perf_counter() - started
+            usage = message.usage_metadata
+            prompt_tokens, output_tokens, ids = usage["input_tokens"], usage["output_tokens"], None
+        else:
+            request = GenerationRequest(tuple(prompt.ids), new_tokens, sampling=Sampling(min_new_tokens=new_tokens))
+            result = self.engine.submit(request).result()
+            seconds = time.perf_counter() - started
+            prompt_tokens, output_tokens, ids = len(prompt.ids), result.output_tokens, None
+        return CallResult(seconds=seconds, prompt_tokens=prompt_tokens, output_tokens=output_tokens, token_ids=ids,
+                          prefill_s=None, prefill_tokens=prompt_tokens, decode_s=None, decode_steps=0)
+
+
+ENGINES = {"llamacpp": LlamaCppEngine, "adaptquant": AdaptQuantEngine, "adaptquant-llamacpp": AdaptQuantLlamaEngine}
 
 
 def worker_main() -> int:
@@ -493,10 +546,28 @@ def llama_cpp_problem(gguf: Optional[Path]) -> Optional[str]:
     return None
 
 
-def engine_specs(gguf: Optional[Path], model: Path, levels: Sequence[str]) -> list[EngineSpec]:
+def engine_specs(gguf: Optional[Path], model: Path, levels: Sequence[str],
+                 runtimes: Sequence[str] = ("torch",), level_files: Optional[dict[str, Path]] = None) -> list[EngineSpec]:
+    """llama.cpp on the source GGUF first (the torch rows' reference), then per level: llama.cpp on
+    that level's GGUF and ours on llama.cpp (the pair a ratio compares), and ours on torch."""
     specs = [EngineSpec("llama.cpp", "llamacpp", str(gguf) if gguf else "")]
-    specs += [EngineSpec(f"ours {level}", "adaptquant", str(model), level) for level in levels]
+    for level in levels:
+        if "llamacpp" in runtimes and level_files and level in level_files:
+            specs.append(EngineSpec(f"llama.cpp {level}", "llamacpp", str(level_files[level]), level))
+            specs.append(EngineSpec(f"ours.cpp {level}", "adaptquant-llamacpp", str(model), level))
+        if "torch" in runtimes:
+            specs.append(EngineSpec(f"ours {level}", "adaptquant", str(model), level))
     return specs
+
+
+def make_level_files(gguf: Path, levels: Sequence[str]) -> dict[str, Path]:
+    """Each level's GGUF as our llama.cpp runtime makes it (made once, cached): both engines read it."""
+    from langchain_adaptquant.control.levels import QuantizationLevel
+    from langchain_adaptquant.model_zoo import cache_root
+    from langchain_adaptquant.runtime.llamacpp.gguf_files import LevelFiles
+
+    files = LevelFiles(gguf, cache_root())
+    return {level: files.ensure(QuantizationLevel.parse(level), say=print) for level in levels}
 
 
 def parse_levels(text: Optional[str]) -> tuple[list[str], list[str]]:
@@ -674,10 +745,15 @@ def build_rows(runs: list[EngineRun], prompts: list[RenderedPrompt], new_tokens:
     """One row per engine: its public-path rates, memory, and ratios to llama.cpp (ours / theirs)."""
     summaries = {run.spec.label: {path: summarize_path(run.samples, prompts, path, new_tokens) for path in PATHS}
                  for run in runs if run.status == "ok"}
-    reference = next((run for run in runs if run.spec.kind == "llamacpp" and run.status == "ok"), None)
-    base = summaries.get(reference.spec.label, {}) if reference else {}
+    source = next((run for run in runs if run.spec.kind == "llamacpp" and run.spec.level is None
+                   and run.status == "ok"), None)
     rows = []
     for run in runs:
+        reference = source
+        if run.spec.kind == "adaptquant-llamacpp":  # against llama.cpp on the very same level file
+            reference = next((r for r in runs if r.spec.kind == "llamacpp" and r.spec.level == run.spec.level
+                              and r.status == "ok"), None)
+        base = summaries.get(reference.spec.label, {}) if reference else {}
         loaded = run.memory.get("loaded", {})
         row: dict[str, Any] = {"engine": run.spec.label, "status": run.status, "level": run.spec.level,
                                "model_mb": run.info.get("model_mb"), "load_s": round(run.load_s, 3) if run.load_s else None,
@@ -703,6 +779,7 @@ def build_rows(runs: list[EngineRun], prompts: list[RenderedPrompt], new_tokens:
                 row["rss_ratio"] = _ratio(row["rss_mb"], reference.memory.get("loaded", {}).get("rss_mb"))
                 row["anon_ratio"] = _ratio(row["anon_mb"], reference.memory.get("loaded", {}).get("anon_mb"))
                 row["tokens_same_as_llamacpp"] = agreement(run.samples, reference.samples, new_tokens)
+                row["compared_with"] = reference.spec.label
         rows.append(row)
     return rows
 
@@ -711,7 +788,7 @@ HEADLINE = (
     ("engine", "engine"), ("model_mb", "model MB"), ("load_s", "load s"), ("rss_mb", "RSS MB"),
     ("anon_mb", "anon MB"), ("rss_ratio", "RSS x"), ("ttft_ms", "first token ms"),
     ("prompt_tok_s", "prompt tok/s"), ("prompt_ratio", "prompt x"), ("decode_tok_s", "decode tok/s"),
-    ("decode_ratio", "decode x"), ("tokens_same_as_llamacpp", "greedy = llama.cpp"),
+    ("decode_ratio", "decode x"), ("tokens_same_as_llamacpp", "greedy = llama.cpp"), ("compared_with", "x against"),
 )
 WHERE_TIME_GOES = (
     ("engine", "engine"), ("path", "path"), ("prompt_tok_s", "prompt tok/s"),
@@ -740,6 +817,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None,
                         help="our model folder, converted from that GGUF (default: the pulled smollm2-135m)")
     parser.add_argument("--levels", default=None, help="comma-separated levels (default: all this CPU has)")
+    parser.add_argument("--runtimes", default="torch,llamacpp",
+                        help="our runtimes to measure: torch, llamacpp or both (llamacpp rows pair with llama.cpp "
+                        "on the same level file)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians over them)")
     parser.add_argument("--prompts", type=int, default=len(CHAT_PROMPTS),
                         help=f"how many of the {len(CHAT_PROMPTS)} chat prompts to use")
@@ -772,11 +852,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(f"--model {model}: no config.json there")
     gguf = args.gguf or default_gguf()
     levels, level_notes = parse_levels(args.levels)
+    runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
+    if not runtimes or any(name not in ("torch", "llamacpp") for name in runtimes):
+        raise SystemExit(f"--runtimes {args.runtimes!r}: name torch, llamacpp or both")
+    level_files: dict[str, Path] = {}
+    if "llamacpp" in runtimes and llama_cpp_problem(gguf) is None and gguf is not None:
+        level_files = make_level_files(gguf, levels)
 
     started = time.time()
     machine = machine_info()
     prompts = render_prompts(model, CHAT_PROMPTS[: args.prompts])
-    runs = [EngineRun(spec) for spec in engine_specs(gguf, model, levels)]
+    runs = [EngineRun(spec) for spec in engine_specs(gguf, model, levels, runtimes, level_files)]
     problem = llama_cpp_problem(gguf)
     if problem:
         runs[0].status = f"skipped: {problem}"
@@ -806,6 +892,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "seconds": round(time.time() - started, 1),
             "load_average_by_round": load_by_round,
             "settings": {"gguf": str(gguf) if gguf else None, "model": str(model), "levels": levels,
+                         "runtimes": runtimes, "level_files": {k: str(v) for k, v in level_files.items()},
                          "rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads,
                          "n_ctx": args.n_ctx, "method": "t(1) and t(N) per call; prompt tok/s = tokens / t(1), "
                          "decode tok/s = (N-1) / (t(N) - t(1)), medians over rounds, summed over prompts"},

@@ -13,12 +13,23 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
+import sys
 import time
 from operator import itemgetter
-from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, TypedDict, Union, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Literal,
+    Optional,
+    Sequence,
+    TypedDict,
+    Union,
+    cast,
+)
 
-import torch
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.callbacks.manager import ahandle_event, handle_event
 from langchain_core.language_models import LanguageModelInput
@@ -36,21 +47,26 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from langchain_adaptquant import chat_format, constrained
+from langchain_adaptquant import chat_format
 from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.pretrained.store import default_chat_model
-from langchain_adaptquant.runtime import GenerationRequest, RequestHandle, Sampling, generation
-from langchain_adaptquant.runtime.generation import GenerationResult
-from langchain_adaptquant.runtime.loader import AdaptiveModelLoader, LoadedModel, SwitchRecord, serving_manager
+from langchain_adaptquant.runtime.records import SwitchRecord
+from langchain_adaptquant.runtime.registry import Runtime, RuntimeChoice, check_runtime, choose_runtime, log_choice
+from langchain_adaptquant.runtime.registry import new_loader as _new_loader
+from langchain_adaptquant.runtime.registry import shared_loader as _shared_runtime_loader
+from langchain_adaptquant.runtime.requests import GenerationRequest, RequestHandle, Sampling
+from langchain_adaptquant.runtime.text import GenerationResult
+
+if TYPE_CHECKING:  # either runtime's model record: torch's LoadedModel or llama.cpp's LlamaCppModel
+    from langchain_adaptquant import constrained as _constrained_types
+    from langchain_adaptquant.runtime.loaded_model import LoadedModel
 
 REQUANTIZE_EVENT = "adaptquant.requantize"
 
 logger = logging.getLogger(__name__)
 
-_SHARED_LOADERS: dict[Optional[float], AdaptiveModelLoader] = {}
-_SHARED_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +93,7 @@ class ResponseMetadata(TypedDict):
     quantization_level: str  # the level the answer started at (its decision's)
     precision: str
     source_format: str
+    runtime: str  # "torch" or "llamacpp": which runtime produced the answer (runtime.registry)
     backend: str  # the backend holding most layers
     backends: dict[str, int]  # layers per backend
     memory: dict[str, Any]  # MemorySnapshot.to_dict()
@@ -91,14 +108,9 @@ class ResponseMetadata(TypedDict):
     finish_reason: str
 
 
-def shared_loader(memory_budget_gb: Optional[float] = None) -> AdaptiveModelLoader:
-    """One manager and loader per process (per budget): chat models on one model share one copy."""
-    with _SHARED_LOCK:
-        loader = _SHARED_LOADERS.get(memory_budget_gb)
-        if loader is None:
-            manager = serving_manager(memory_budget_gb=memory_budget_gb)
-            loader = _SHARED_LOADERS[memory_budget_gb] = AdaptiveModelLoader(manager=manager)
-        return loader
+def shared_loader(memory_budget_gb: Optional[float] = None, runtime: str = "torch") -> Runtime:
+    """One manager and loader per process (per runtime and budget): chat models on one model share one copy."""
+    return cast(Runtime, _shared_runtime_loader(runtime, memory_budget_gb))
 
 
 class ChatAdaptQuant(BaseChatModel):
@@ -151,15 +163,22 @@ class ChatAdaptQuant(BaseChatModel):
     constrained_decoding: bool = True
     """Decode tool calls and JSON answers under a grammar (llguidance, the ``grammar`` extra), so they
     always parse and match the schema; False lets the model write them freely."""
+    runtime: Literal["auto", "torch", "llamacpp"] = "auto"
+    """Who runs the weights: ``"llamacpp"`` (a GGUF on llama.cpp: the fast path on a CPU),
+    ``"torch"`` (Hugging Face folders, CUDA/MPS, bitsandbytes), or ``"auto"``: llama.cpp on a CPU when
+    the model has a GGUF and llama-cpp-python imports, torch otherwise (``runtime.registry``).
+    Ignored when ``loader`` is given (the loader is the runtime)."""
     manager: Optional[DynamicQuantizationManager] = Field(default=None, exclude=True)
-    loader: Optional[AdaptiveModelLoader] = Field(default=None, exclude=True)
+    loader: Optional[Any] = Field(default=None, exclude=True)
+    """A runtime's loader (``AdaptiveModelLoader`` for torch, ``LlamaCppLoader`` for llama.cpp)."""
     base_url: Optional[str] = None
     """A remote adaptquant endpoint (``adaptquant serve``, or Ray Serve's proxy), e.g.
     ``http://127.0.0.1:8000/v1``: generation runs there and its policy picks the level (see ``remote``)."""
     api_key: Optional[SecretStr] = Field(default_factory=secret_from_env("ADAPTQUANT_TOKEN", default=None))
     """Bearer token for ``base_url`` (default: the ``ADAPTQUANT_TOKEN`` environment variable)."""
 
-    _own_loader: Optional[AdaptiveModelLoader] = PrivateAttr(default=None)
+    _own_loaders: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _choices: dict[str, RuntimeChoice] = PrivateAttr(default_factory=dict)
     _remote: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -198,6 +217,11 @@ class ChatAdaptQuant(BaseChatModel):
             key = self.api_key.get_secret_value() if self.api_key else None
             self._remote = RemoteChat(self.base_url, key, self.timeout)
         return self._remote
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _parse_runtime(cls, value: Any) -> str:
+        return check_runtime(value)
 
     @field_validator("task_priority", mode="before")
     @classmethod
@@ -248,24 +272,36 @@ class ChatAdaptQuant(BaseChatModel):
         return params
 
     # -- wiring ---------------------------------------------------------------------------------
-    def _loader(self) -> AdaptiveModelLoader:
+    def runtime_for(self, model: Optional[str] = None) -> RuntimeChoice:
+        """Which runtime serves ``model`` (default: this chat model's) and why; chosen once per model."""
+        name = model or self.model
+        choice = self._choices.get(name)
+        if choice is None:
+            device = self.manager.device if self.manager is not None else _default_device()
+            choice = self._choices[name] = choose_runtime(self.runtime, name, device)
+            log_choice(name, choice)
+        return choice
+
+    def _loader(self, model: Optional[str] = None) -> Runtime:
         if self.loader is not None:
-            return self.loader
+            return cast(Runtime, self.loader)
+        runtime = self.runtime_for(model).name
         if self.manager is not None:
-            if self._own_loader is None:
-                self._own_loader = AdaptiveModelLoader(manager=self.manager)
-            return self._own_loader
-        return shared_loader(self.memory_budget_gb)
+            if runtime not in self._own_loaders:
+                self._own_loaders[runtime] = _new_loader(runtime, self.manager)
+            return cast(Runtime, self._own_loaders[runtime])
+        return shared_loader(self.memory_budget_gb, runtime)
 
     def _prepare(self, options: CallOptions) -> tuple[LoadedModel, "_CallRecord"]:
         """Load (or find) the model and let the policy switch it; returns what this call decided and did."""
         call = _CallRecord()
-        loaded = self._loader().load_model(
+        loader = self._loader(options.model)
+        loaded = loader.load_model(
             options.model, task_priority=options.priority, force_quantization=options.force,
             on_switch=call.switches.append, on_decision=call.set_reason,
         )
         if self.prepare_levels:
-            self._loader().prepare_levels_in_background(loaded, self.prepare_levels)
+            loader.prepare_levels_in_background(loaded, self.prepare_levels)
         return loaded, call
 
     def _call_options(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> CallOptions:
@@ -278,7 +314,7 @@ class ChatAdaptQuant(BaseChatModel):
         force = options.pop("force_quantization", self.force_quantization)
         force = QuantizationLevel.parse(force) if force is not None else None
         if force is not None:
-            self._loader().check_level_available(force)  # before the call counts as load
+            self._loader(model).check_level_available(force)  # before the call counts as load
         max_tokens = options.pop("max_tokens", self.max_tokens)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise InvalidValueError("max_tokens", max_tokens, "an integer greater than 0")
@@ -311,7 +347,7 @@ class ChatAdaptQuant(BaseChatModel):
             logits_processor=logits_processor,
         )
 
-    def _prompt(self, loaded: LoadedModel, messages: list[BaseMessage], options: CallOptions) -> tuple[torch.Tensor, str]:
+    def _prompt(self, loaded: LoadedModel, messages: list[BaseMessage], options: CallOptions) -> tuple[list[int], str]:
         """Token ids of the rendered conversation, and any text pre-filled for the model (forced tool call)."""
         tokenizer = loaded.tokenizer
         if tokenizer is None:
@@ -344,51 +380,55 @@ class ChatAdaptQuant(BaseChatModel):
             else:
                 chat.insert(0, {"role": "system", "content": note})
         text = tokenizer.apply_chat_template(chat, tools=template_tools, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text + prefill, return_tensors="pt", add_special_tokens=False).input_ids
-        context = getattr(loaded.model.config, "max_position_embeddings", None)
-        if context and ids.shape[1] >= context:
+        ids = list(tokenizer(text + prefill, add_special_tokens=False).input_ids)
+        context = loaded.context_length
+        if context and len(ids) >= context:
             raise InvalidValueError(
-                "prompt length", f"{ids.shape[1]} tokens", f"fewer than the model's context of {context} tokens"
+                "prompt length", f"{len(ids)} tokens", f"fewer than the model's context of {context} tokens"
             )
         return ids, prefill
 
     def _constrains(self, options: CallOptions) -> bool:
         """Whether this call decodes under a grammar: tools or a JSON answer, and llguidance installed."""
         wants = bool(options.tools and options.tool_choice != "none") or bool(options.response_format)
-        return wants and self.constrained_decoding and constrained.available()
+        return wants and self.constrained_decoding and _grammars().available()
 
-    def _grammar(self, options: CallOptions, prefill: str, tokenizer: Any) -> Optional[constrained.Grammar]:
+    def _grammar(self, options: CallOptions, prefill: str, tokenizer: Any) -> Optional["_constrained_types.Grammar"]:
         """The grammar the answer must follow: one tool call when one is forced, an optional one under
         ``auto``, a JSON value for structured output; None when the model writes freely."""
         if not self._constrains(options):
             return None
+        constrained = _grammars()
         tools, choice = options.tools, options.tool_choice
+        budget = options.max_tokens  # bounds free strings, and the processor closes the answer within it
         if tools and choice != "none":
             tags = constrained.CallTags.for_tokenizer(tokenizer)
             forced = chat_format.forced_tool_name(choice, tools)
             if forced and prefill.startswith("<tool_call>"):
-                return constrained.Grammar(constrained.tool_call_grammar(tools, forced, prefill, tags), "tool call")
-            if choice in ("any", "required", True):
-                return constrained.Grammar(constrained.tool_call_grammar(tools, tags=tags), "tool call")
-            return constrained.Grammar(constrained.optional_tool_calls_grammar(tools, tags), "tool call")
+                text = constrained.tool_call_grammar(tools, forced, prefill, tags, max_tokens=budget)
+            elif choice in ("any", "required", True):
+                text = constrained.tool_call_grammar(tools, tags=tags, max_tokens=budget)
+            else:
+                text = constrained.optional_tool_calls_grammar(tools, tags, max_tokens=budget)
+            return constrained.Grammar(text, "tool call", max_tokens=budget)
         response_format = options.response_format or {}  # set: _constrains said so
         schema = (response_format.get("json_schema") or {}).get("schema")
-        return constrained.Grammar(constrained.json_grammar(schema), "json")
+        return constrained.Grammar(constrained.json_grammar(schema, max_tokens=budget), "json", max_tokens=budget)
 
-    def _stops_and_processor(self, options: CallOptions, loaded: LoadedModel, ids: torch.Tensor,
-                             prefill: str) -> tuple[tuple[str, ...], Optional[Any]]:
+    def _stops_and_processor(self, options: CallOptions, loaded: LoadedModel, ids: list[int],
+                             prefill: str, max_new: int) -> tuple[tuple[str, ...], Optional[Any]]:
         """This answer's stop strings (the caller's, then the model's own, e.g. a base model's next-turn
         marker) and its logits processor: a fresh grammar processor (it is stateful) when the answer is
         constrained, ahead of the caller's processor, if any."""
-        model_stops = tuple(getattr(loaded.model.generation_config, "stop_strings", None) or ())
+        model_stops = tuple(loaded.stop_strings)
         stops = options.stop + tuple(stop for stop in model_stops if stop not in options.stop)
         grammar = self._grammar(options, prefill, loaded.tokenizer)
         if grammar is None:
             return stops, options.logits_processor
         from transformers import LogitsProcessorList
 
-        processor = constrained.GrammarProcessor(
-            grammar, loaded.tokenizer, sorted(generation.eos_ids(loaded.model, loaded.tokenizer)), ids.shape[1]
+        processor = _grammars().GrammarProcessor(
+            grammar, loaded.grammar_tokenizer, sorted(loaded.eos), len(ids), max_new_tokens=max_new
         )
         user = options.logits_processor
         return stops, LogitsProcessorList([processor] + ([user] if user is not None else []))
@@ -409,15 +449,16 @@ class ChatAdaptQuant(BaseChatModel):
 
     def _metadata(self, loaded: LoadedModel, result: GenerationResult, finish: str,
                   call: "_CallRecord") -> ResponseMetadata:
-        snapshot = self._loader().manager.snapshot()
+        snapshot = self._loader(loaded.name).manager.snapshot()
         levels = list(result.levels_used) or [loaded.level.value]
         level = QuantizationLevel.parse(levels[0])
         return {
             "model_name": loaded.name,
             "model_provider": "adaptquant",
             "quantization_level": level.value,  # the level the answer started at (its decision's)
-            "precision": level.precision(loaded.device),
+            "precision": loaded.precision_of(level),
             "source_format": loaded.source_format,
+            "runtime": loaded.runtime,
             "backend": loaded.backend,
             "backends": loaded.backend_summary(),
             "memory": snapshot.to_dict(),
@@ -449,20 +490,20 @@ class ChatAdaptQuant(BaseChatModel):
         """Load (and maybe switch) the model, render the prompt, build the request: no torch work."""
         loaded, call = self._prepare(options)
         ids, prefill = self._prompt(loaded, messages, options)
-        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        context = loaded.context_length
         max_new = options.max_tokens
-        if context and ids.shape[1] + max_new > context:  # cap the answer to fit the context window
-            max_new = max(1, context - ids.shape[1])
-        stops, processor = self._stops_and_processor(options, loaded, ids, prefill)
+        if context and len(ids) + max_new > context:  # cap the answer to fit the context window
+            max_new = max(1, context - len(ids))
+        stops, processor = self._stops_and_processor(options, loaded, ids, prefill, max_new)
         request = GenerationRequest(
-            prompt_ids=tuple(ids[0].tolist()),
+            prompt_ids=tuple(ids),
             max_new_tokens=max_new,
             stop=stops,
             sampling=options.sampling,
             deadline=time.monotonic() + self.timeout if self.timeout else None,
             logits_processor=processor,
         )
-        return _Answer(self._loader(), loaded, call, request, prefill, self.max_retries)
+        return _Answer(self._loader(options.model), loaded, call, request, prefill, self.max_retries)
 
     def _chunk(self, options: CallOptions, piece: str) -> Optional[ChatGenerationChunk]:
         if options.tools or options.response_format:
@@ -474,7 +515,7 @@ class ChatAdaptQuant(BaseChatModel):
         """One answer: a chunk per text piece when ``stream`` (also sent to the callbacks), then a final
         chunk with usage and metadata (and the whole text when it was not streamed)."""
         chat_format.to_chat_dicts(messages)  # bad messages fail before anything is counted or loaded
-        tracker = self._loader().manager.tracker
+        tracker = self._loader(options.model).manager.tracker
         with tracker.track():
             answer = self._begin(messages, options)
             try:
@@ -491,7 +532,7 @@ class ChatAdaptQuant(BaseChatModel):
                                     yield chunk
                         result = answer.handle.result()  # the engine's error, if any, is raised here
                         break
-                    except (MemoryError, torch.OutOfMemoryError) as error:
+                    except _out_of_memory() as error:
                         if not answer.retry(error):
                             raise
                         _dispatch_sync(run_manager, answer.take_new_switches())
@@ -504,7 +545,7 @@ class ChatAdaptQuant(BaseChatModel):
                        ) -> AsyncIterator[ChatGenerationChunk]:
         """The async twin of :meth:`_chunks`: waits on the engine without a thread per request."""
         chat_format.to_chat_dicts(messages)
-        tracker = self._loader().manager.tracker
+        tracker = self._loader(options.model).manager.tracker
         async with tracker.atrack():
             answer = await asyncio.to_thread(self._begin, messages, options)  # loads/switches: blocking
             try:
@@ -520,7 +561,7 @@ class ChatAdaptQuant(BaseChatModel):
                                 yield chunk
                         result = answer.handle.result(timeout=0)
                         break
-                    except (MemoryError, torch.OutOfMemoryError) as error:
+                    except _out_of_memory() as error:
                         if not await asyncio.to_thread(answer.retry, error):
                             raise
                         await _dispatch_async(run_manager, answer.take_new_switches())
@@ -645,8 +686,10 @@ class ChatAdaptQuant(BaseChatModel):
     ) -> Runnable[LanguageModelInput, Any]:
         """Parse answers into ``schema`` via a forced tool call, a JSON schema in the prompt, or JSON mode.
 
-        ``strict`` is accepted for compatibility; decoding is not constrained, so a small model can
-        still produce JSON that fails to parse (``include_raw=True`` returns the error instead).
+        With ``constrained_decoding`` (the default, llguidance installed) the answer is decoded under
+        the schema's grammar and closed within ``max_tokens``, so it always parses; ``strict`` is
+        accepted for compatibility. Without a grammar a small model can still write JSON that fails to
+        parse (``include_raw=True`` returns the error instead).
         """
         if kwargs:
             raise InvalidValueError("with_structured_output argument", sorted(kwargs), "schema, method, include_raw, strict")
@@ -698,7 +741,7 @@ class _Answer:
     Holds the model "in use" (not evictable) from ``submit`` to ``close``.
     """
 
-    def __init__(self, loader: AdaptiveModelLoader, loaded: LoadedModel, call: _CallRecord,
+    def __init__(self, loader: Runtime, loaded: LoadedModel, call: _CallRecord,
                  request: GenerationRequest, prefill: str, max_retries: int) -> None:
         self.loader, self.loaded, self.call = loader, loaded, call
         self.request, self.prefill = request, prefill
@@ -752,6 +795,37 @@ class _Answer:
         if self._handle is not None and not self._handle.done:
             self._handle.cancel()
         self._in_use.close()
+
+
+def _grammars() -> Any:
+    """The grammar module (llguidance, torch): imported by the first answer that needs a grammar."""
+    from langchain_adaptquant import constrained
+
+    return constrained
+
+
+def _default_device() -> str:
+    """The device a manager would pick here (cuda, mps, cpu): what ``runtime="auto"`` weighs.
+
+    torch is asked only when it is loaded already or a GPU may be there (an NVIDIA device node, an
+    Apple-silicon Mac): a CPU machine choosing llama.cpp never pays torch's import.
+    """
+    import platform
+    from pathlib import Path
+
+    gpu_possible = Path("/dev/nvidia0").exists() or (platform.system() == "Darwin" and platform.machine() == "arm64")
+    if "torch" not in sys.modules and not gpu_possible:
+        return "cpu"
+    from langchain_adaptquant.control.resources import detect_device
+
+    return detect_device()
+
+
+def _out_of_memory() -> tuple[type[BaseException], ...]:
+    """What running out of memory raises: MemoryError, and torch's own once torch is loaded."""
+    torch = sys.modules.get("torch")
+    error = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (MemoryError, error) if isinstance(error, type) else (MemoryError,)
 
 
 def _json_instruction(response_format: dict[str, Any]) -> str:

@@ -61,21 +61,43 @@ class VirtualClock:
         return self.now
 
 
-class _ArrivalGate(AdaptiveModelLoader):
-    """A loader whose callers wait for each other before deciding, so a step's requests arrive together.
+class _ArrivalGate:
+    """A runtime's loader whose callers wait for each other before deciding, so a step's requests arrive
+    together.
 
     The chat model counts a request in flight before it asks the loader, so when the gate opens the
     manager sees every request of the step: the decision depends on the scripted load, not on
-    which thread the scheduler ran first.
+    which thread the scheduler ran first. Everything else goes to the wrapped loader.
     """
 
-    gate: Optional[threading.Barrier] = None
+    def __init__(self, loader: Any) -> None:
+        self.inner = loader
+        self.gate: Optional[threading.Barrier] = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def load_model(self, *args: Any, **kwargs: Any) -> LoadedModel:
         gate = self.gate
         if gate is not None:
             gate.wait(timeout=60)
-        return super().load_model(*args, **kwargs)
+        return self.inner.load_model(*args, **kwargs)
+
+
+def _demo_loader(folder: Path, probe: ScriptedProbe, clock: "VirtualClock", runtime: str) -> tuple[Any, str]:
+    """The loader of the runtime ``runtime`` picks for ``folder`` (llama.cpp for a pulled GGUF on a CPU)."""
+    from langchain_adaptquant.chat_model import _default_device
+    from langchain_adaptquant.runtime.registry import choose_runtime
+
+    choice = choose_runtime(runtime, str(folder), _default_device())
+    if choice.name == "llamacpp":
+        from langchain_adaptquant.control.manager import DynamicQuantizationManager
+        from langchain_adaptquant.runtime.llamacpp.loader import LlamaCppLoader
+
+        manager = DynamicQuantizationManager(probe=probe, snapshot_ttl_s=0.0, clock=clock, device="cpu")
+        return LlamaCppLoader(manager=manager, show_progress=False), choice.name
+    manager = serving_manager(probe=probe, snapshot_ttl_s=0.0, clock=clock)
+    return AdaptiveModelLoader(manager=manager, show_progress=False), choice.name
 
 
 @dataclass
@@ -100,6 +122,7 @@ class DemoRow:
 @dataclass
 class DemoResult:
     model: str
+    runtime: str = "torch"
     rows: list[DemoRow] = field(default_factory=list)
     switches: list[SwitchRecord] = field(default_factory=list)
     telemetry: dict[str, Any] = field(default_factory=dict)
@@ -131,19 +154,22 @@ def run_demo(
     max_tokens: int = 16,
     step_s: float = 900.0,
     on_row: Optional[Callable[[DemoRow], None]] = None,
+    runtime: str = "auto",
 ) -> DemoResult:
-    """Play ``timeline`` (clock, memory used %, requests) against ``model``; ``on_row`` sees each step as it ends."""
+    """Play ``timeline`` (clock, memory used %, requests) against ``model``; ``on_row`` sees each step as it ends.
+
+    ``runtime`` as in ``ChatAdaptQuant``: "auto" serves a pulled GGUF on llama.cpp on a CPU."""
     folder = resolve_model_folder(model)  # a folder or a pulled catalog name; a clear error otherwise
     prompts = prompts_for(folder)
     priority = TaskPriority.parse(task_priority)
     started = time.perf_counter()
     clock = VirtualClock()
     probe = ScriptedProbe(total_gb=total_gb, used_percent=timeline[0][1])
-    manager = serving_manager(probe=probe, snapshot_ttl_s=0.0, clock=clock)
-    loader = _ArrivalGate(manager=manager, show_progress=False)
+    inner, runtime_name = _demo_loader(folder, probe, clock, runtime)
+    loader = _ArrivalGate(inner)
     handler = QuantizationTelemetryHandler(prometheus=False)
     llm = ChatAdaptQuant(model=str(folder), loader=loader, max_tokens=max_tokens, task_priority=priority)
-    result = DemoResult(model=str(folder))
+    result = DemoResult(model=str(folder), runtime=runtime_name)
     for step, (clock_label, used, requests) in enumerate(timeline):
         clock.now = step * step_s
         probe.set(used)
@@ -220,8 +246,9 @@ def _ask_together(llm: ChatAdaptQuant, loader: _ArrivalGate, handler: Quantizati
 
 
 # -- presentation --------------------------------------------------------------------------------
-COLUMNS = ("time", "memory", "requests", "in flight", "level", "stored MB", "RSS MB", "action", "switch s", "tokens", "step s",
-           "reason", "sample answer")
+#: The live table fits a 100-column terminal; each step's reason and answer follow it as lines.
+COLUMNS = ("time", "memory", "asked", "in flight", "level", "weights MB", "RSS MB", "action", "switch s", "tokens",
+           "step s")
 
 
 def row_cells(row: DemoRow) -> list[str]:
@@ -229,7 +256,6 @@ def row_cells(row: DemoRow) -> list[str]:
         row.clock, f"{row.used_percent:.0f}%", str(row.requests), str(row.in_flight), row.level.upper(),
         f"{row.stored_mb:.2f}", f"{row.rss_mb:.0f}", row.action,
         "" if row.switch_seconds is None else f"{row.switch_seconds:.2f}", str(row.tokens), f"{row.seconds:.2f}",
-        row.reason, row.sample,
     ]
 
 
@@ -237,9 +263,9 @@ def render(result_rows: Sequence[DemoRow], title: str) -> Any:
     """A rich Table of the rows so far."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", padding=(0, 0))
     for column in COLUMNS:
-        table.add_column(column, overflow="fold", max_width=60 if column == "reason" else None)
+        table.add_column(column, overflow="fold", no_wrap=True)
     for row in result_rows:
         style = {"downgraded": "bold red", "upgraded": "bold green"}.get(row.action)
         table.add_row(*row_cells(row), style=style)
@@ -255,7 +281,8 @@ def progress_line(row: DemoRow) -> str:
 
 def transcript_lines(rows: Sequence[DemoRow]) -> list[str]:
     """Each step's first question and its whole answer, with the level it was produced at."""
-    return [f"{row.clock} [{row.level}] Q: {row.question}\n      A: {row.answer}" for row in rows if row.question]
+    return [f"{row.clock} [{row.level}] why: {row.reason}" + (f"\n      Q: {row.question}\n      A: {row.answer}"
+                                                             if row.question else "") for row in rows]
 
 
 def switch_lines(switches: Sequence[SwitchRecord]) -> list[str]:

@@ -112,7 +112,7 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
             f"scripted memory of a {total_gb:g} GiB host, 15 virtual minutes per step"
     console = Console() if Console is not None else None
     if console is not None and not console.is_terminal:
-        console = Console(width=170)  # a log file has no width; keep the reasons readable
+        console = Console(width=100)  # a log file has no width: the table is made to fit 100 columns
     rows: list[Any] = []
     if console is not None and console.is_terminal and Live is not None:
         with Live(render(rows, title), console=console, refresh_per_second=8) as live:
@@ -121,7 +121,8 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
                 rows.append(row)
                 live.update(render(rows, title))
 
-            result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=show)
+            result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=show,
+                              runtime=args.runtime)
     else:
         print(title, flush=True)
 
@@ -129,10 +130,12 @@ def cmd_live_demo(args: argparse.Namespace) -> int:
             rows.append(row)
             print("  " + progress_line(row), flush=True)
 
-        result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=line)
+        result = run_demo(model, args.priority, total_gb=total_gb, max_tokens=args.max_tokens, on_row=line,
+                          runtime=args.runtime)
         if console is not None:
             console.print(render(rows, title))
-    print("answers (the first of each step, whole):", flush=True)
+    print(f"served by the {result.runtime} runtime", flush=True)
+    print("why each step chose its level, and its first answer (whole):", flush=True)
     for text in transcript_lines(rows):
         print(f"  {text}")
     print("switches (measured):", flush=True)
@@ -276,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help=_MODEL_HELP)
     demo.add_argument("--priority", type=priority, default="balanced")
     demo.add_argument("--max-tokens", type=whole_number("max-tokens"), default=24, help="tokens per demo answer")
+    demo.add_argument("--runtime", choices=("auto", "torch", "llamacpp"), default="auto",
+                      help="who runs the weights (auto: llama.cpp on a CPU for a model with a GGUF, else torch)")
     demo.add_argument("--replay", action="store_true", help="replay the timeline through the decision engine only")
     demo.add_argument("--params", type=_params, default=7.0, help="--replay: model size in billions")
     demo.add_argument("--total-gb", type=_budget, default=None,

@@ -92,6 +92,9 @@ class ModelSize:
     linears: tuple[tuple[str, int, int], ...] = ()
     #: Which layers are stored one level up (see layer_plan); uniform by default.
     mixed: MixedPrecision = UNIFORM
+    #: Bytes per level a runtime read off its files (llama.cpp: each level's GGUF tensor table, or the
+    #: source's table with the quantizer's rules); they replace the formula for those levels.
+    known_bytes: tuple[tuple[QuantizationLevel, int], ...] = ()
 
     @property
     def total_params(self) -> int:
@@ -104,6 +107,10 @@ class ModelSize:
     def estimated_bytes(self, level: QuantizationLevel | str, layout: Optional[LevelLayout] = None) -> int:
         """Bytes the model occupies at ``level``; see the module docstring for the formula."""
         level = QuantizationLevel.parse(level)
+        if layout is None:
+            for known, nbytes in self.known_bytes:
+                if known is level:
+                    return nbytes
         total: float = self.unquantized_params * 2
         if layout is not None or not self.mixed.active or level not in self.mixed.at_levels:
             layout = layout or DEFAULT_LAYOUTS[level]

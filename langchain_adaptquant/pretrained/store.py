@@ -90,6 +90,17 @@ def model_path(name: str, cache_dir: Union[str, Path, None] = None) -> Path:
     return model_dir(name, cache_dir)
 
 
+def local_model_folder(name_or_path: Union[str, Path]) -> Optional[Path]:
+    """A folder as given, else a pulled catalog model's folder; None otherwise (imports no torch)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    text = str(name_or_path)
+    if text in CATALOG and is_pulled(text):
+        return model_dir(text).resolve()
+    return None
+
+
 def pulled_models(cache_dir: Union[str, Path, None] = None) -> list[str]:
     return [name for name in CATALOG if is_pulled(name, cache_dir)]
 

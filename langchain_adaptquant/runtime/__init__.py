@@ -5,39 +5,31 @@ RequestHandle`` (a stream of text pieces, then a result; ``cancel()``; sync and 
 Control (policy, manager) never imports this package: it receives KV-cache bytes as numbers.
 """
 
-from langchain_adaptquant.runtime.engine import (
-    EngineBusyError,
-    EngineClosedError,
-    EngineConfig,
-    EngineStats,
-    GenerationEngine,
-    KVUsage,
-)
-from langchain_adaptquant.runtime.gate import StepGate
-from langchain_adaptquant.runtime.kv import KVLayout, kv_layout
-from langchain_adaptquant.runtime.requests import (
-    SAMPLING_OPTIONS,
-    GenerationRequest,
-    Progress,
-    RequestHandle,
-    Resume,
-    Sampling,
-)
+from typing import Any
 
-__all__ = [
-    "SAMPLING_OPTIONS",
-    "EngineBusyError",
-    "EngineClosedError",
-    "EngineConfig",
-    "EngineStats",
-    "GenerationEngine",
-    "GenerationRequest",
-    "KVLayout",
-    "KVUsage",
-    "Progress",
-    "RequestHandle",
-    "Resume",
-    "Sampling",
-    "StepGate",
-    "kv_layout",
-]
+from langchain_adaptquant.lazy import load_export
+
+# names -> submodule, loaded on first use: the llama.cpp runtime's path never imports torch
+_EXPORTS = {
+    "EngineBusyError": "contract",
+    "EngineClosedError": "contract",
+    "EngineStats": "contract",
+    "KVUsage": "contract",
+    "EngineConfig": "engine",
+    "GenerationEngine": "engine",
+    "StepGate": "gate",
+    "KVLayout": "kv",
+    "kv_layout": "kv",
+    "SAMPLING_OPTIONS": "requests",
+    "GenerationRequest": "requests",
+    "Progress": "requests",
+    "RequestHandle": "requests",
+    "Resume": "requests",
+    "Sampling": "requests",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    return load_export(__name__, _EXPORTS, name, globals())

@@ -23,24 +23,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from langchain_adaptquant.errors import AdaptQuantError, InvalidValueError
+from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.runtime.attention import BUCKET, MODES, row_groups, use_row_attention
 from langchain_adaptquant.runtime.cache import BatchCache, packed_cache, supports_row_batching
+from langchain_adaptquant.runtime.contract import EngineBusyError, EngineClosedError, EngineStats, KVUsage
 from langchain_adaptquant.runtime.gate import StepGate
-from langchain_adaptquant.runtime.generation import GenerationResult, TextWatch, eos_ids
 from langchain_adaptquant.runtime.kv import KVLayout, kv_layout
 from langchain_adaptquant.runtime.requests import GenerationRequest, Progress, RequestHandle
 from langchain_adaptquant.runtime.sampling import RowSampler, next_tokens
+from langchain_adaptquant.runtime.text import GenerationResult, TextWatch, eos_ids
 
 logger = logging.getLogger(__name__)
-
-
-class EngineBusyError(AdaptQuantError):
-    """The engine's queue is full: the caller should retry later (the server answers 503)."""
-
-
-class EngineClosedError(AdaptQuantError):
-    """The engine was closed (its model evicted) before this request finished."""
 
 
 @dataclass(frozen=True)
@@ -67,31 +60,6 @@ class EngineConfig:
             raise InvalidValueError("threads", self.threads, "None or an integer >= 1")
         if self.attention not in MODES:
             raise InvalidValueError("attention", self.attention, " or ".join(repr(m) for m in MODES))
-
-
-@dataclass(frozen=True)
-class KVUsage:
-    """KV-cache bytes of one engine, for the policy's projected memory."""
-
-    resident_bytes: int  # held now (already part of the process's memory)
-    reserved_bytes: int  # what sequences in flight and queued will hold at their longest
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active: int
-    waiting: int
-    steps: int
-    tokens: int
-    max_batch_seen: int
-    kv: KVUsage
-    row_batching: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"active": self.active, "waiting": self.waiting, "steps": self.steps, "tokens": self.tokens,
-                "max_batch_seen": self.max_batch_seen, "row_batching": self.row_batching,
-                "kv_resident_mb": round(self.kv.resident_bytes / 2**20, 2),
-                "kv_reserved_mb": round(self.kv.reserved_bytes / 2**20, 2)}
 
 
 class _Sequence:

@@ -15,62 +15,18 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from torch import nn
 
-from langchain_adaptquant.control.levels import QuantizationLevel, SwitchDirection, TaskPriority, switch_direction
+from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.control.sizing import ModelSize
 from langchain_adaptquant.runtime.gate import StepGate
 from langchain_adaptquant.runtime.os_memory import file_backed_bytes
 from langchain_adaptquant.runtime.quality import QualityProfile
+from langchain_adaptquant.runtime.records import SwitchRecord
 from langchain_adaptquant.runtime.weights import WeightSource
+
+__all__ = ["LoadedModel", "SwitchRecord", "quantizable_linears"]
 
 if TYPE_CHECKING:
     from langchain_adaptquant.runtime.engine import GenerationEngine
-
-
-@dataclass(frozen=True)
-class SwitchRecord:
-    """One requantization, successful or rolled back: what telemetry and stats report."""
-
-    model: str
-    from_level: str
-    to_level: str
-    reason: str
-    seconds: float
-    ok: bool
-    rss_before: int
-    rss_after: int
-    anon_before: int
-    anon_after: int
-    stored_bytes_before: int
-    stored_bytes_after: int
-    at: float = field(default_factory=time.time)
-    error: Optional[str] = None
-    #: Layers read back from the layer cache instead of quantized from the source.
-    layers_from_cache: int = 0
-
-    @property
-    def direction(self) -> SwitchDirection:
-        """'downgrade' or 'upgrade' (a record is only made when the level changes)."""
-        return switch_direction(QuantizationLevel.parse(self.from_level), QuantizationLevel.parse(self.to_level))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "from_level": self.from_level,
-            "to_level": self.to_level,
-            "direction": self.direction,
-            "reason": self.reason,
-            "seconds": round(self.seconds, 4),
-            "ok": self.ok,
-            "error": self.error,
-            "memory_before_mb": round(self.rss_before / 2**20, 1),
-            "memory_after_mb": round(self.rss_after / 2**20, 1),
-            "anon_before_mb": round(self.anon_before / 2**20, 1),
-            "anon_after_mb": round(self.anon_after / 2**20, 1),
-            "stored_mb_before": round(self.stored_bytes_before / 2**20, 2),
-            "stored_mb_after": round(self.stored_bytes_after / 2**20, 2),
-            "layers_from_cache": self.layers_from_cache,
-            "at": self.at,
-        }
 
 
 @dataclass(eq=False)
@@ -117,9 +73,38 @@ class LoadedModel:
     last_forced: Optional[QuantizationLevel] = None
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    #: Which runtime serves it (every answer's metadata says; runtime.registry chooses).
+    runtime: str = "torch"
+
     @property
     def precision(self) -> str:
         return self.level.precision(self.device)
+
+    @property
+    def grammar_tokenizer(self) -> Any:
+        """The tokenizer llguidance's grammars read (this one: transformers' already)."""
+        return self.tokenizer
+
+    def precision_of(self, level: QuantizationLevel) -> str:
+        """How ``level`` is stored here (bf16 for 16-bit on a CPU)."""
+        return level.precision(self.device)
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """Longest prompt plus answer the model takes (its config's ``max_position_embeddings``)."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """The model's own stop strings (generation_config.json), e.g. a base model's next-turn marker."""
+        return tuple(getattr(getattr(self.model, "generation_config", None), "stop_strings", None) or ())
+
+    @property
+    def eos(self) -> set[int]:
+        """Token ids that end an answer (the generation config's and the tokenizer's)."""
+        from langchain_adaptquant.runtime.generation import eos_ids
+
+        return eos_ids(self.model, self.tokenizer)
 
     def level_summary(self) -> dict[str, int]:
         """How many Linear layers are stored at each level (differs from ``level`` under mixed precision)."""

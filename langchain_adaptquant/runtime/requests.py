@@ -2,7 +2,7 @@
 
 A :class:`RequestHandle` is the only channel between the engine's worker thread and a caller:
 text pieces as they become safe to show (never a prefix of a stop string), then one
-:class:`~langchain_adaptquant.runtime.generation.GenerationResult` or one error. Threads iterate it,
+:class:`~langchain_adaptquant.runtime.text.GenerationResult` or one error. Threads iterate it,
 asyncio tasks ``async for`` it; neither runs torch work, so the engine owns the cores.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Optional
 
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.runtime.generation import GenerationResult
+from langchain_adaptquant.runtime.text import GenerationResult
 
 #: A Hugging Face ``LogitsProcessor``-style callable for one sequence:
 #: ``(input_ids LongTensor[1, t], scores FloatTensor[1, vocab]) -> FloatTensor[1, vocab]``,

@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from langchain_adaptquant.callbacks import TelemetryRecorder
 from langchain_adaptquant.control.manager import DynamicQuantizationManager
 from langchain_adaptquant.runtime.loader import AdaptiveModelLoader
-from langchain_adaptquant.server import chat, monitoring
+from langchain_adaptquant.server import chat, monitoring, openapi
 from langchain_adaptquant.server.context import Allowlist, build_context
 from langchain_adaptquant.server.errors import install_error_handlers
 from langchain_adaptquant.server.security import GuardMiddleware
@@ -86,6 +86,7 @@ def create_app(
     app.include_router(monitoring.quantization)
     app.include_router(monitoring.router)
     app.include_router(chat.router)
+    openapi.install(app, ctx, PROTECTED_PATHS)  # the document states this instance's limits and token
     page = dashboard_html()
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)

@@ -69,10 +69,11 @@ class _ClosingStream(StreamingResponse):
 def _check_limits(ctx: ServerContext, body: ChatCompletionRequest) -> int:
     limits = ctx.limits
     requested = body.requested_max_tokens()
-    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    if requested is not None and requested > limits.max_tokens_limit:
-        raise APIError(422, f"{field} is {requested}; this server allows at most {limits.max_tokens_limit} "
-                            "(max_tokens_limit)", param=field)
+    # both, though max_completion_tokens wins: a bound the schema states is never passed over in silence
+    for field, value in (("max_tokens", body.max_tokens), ("max_completion_tokens", body.max_completion_tokens)):
+        if value is not None and value > limits.max_tokens_limit:
+            raise APIError(422, f"{field} is {value}; this server allows at most {limits.max_tokens_limit} "
+                                "(max_tokens_limit)", param=field)
     chars = openai_compat.prompt_chars(body)
     if chars > limits.max_prompt_chars:
         raise APIError(422, f"messages hold {chars} characters; this server allows at most {limits.max_prompt_chars} "
@@ -100,8 +101,12 @@ def list_models(ctx: Ctx) -> dict[str, Any]:
     response_model=ChatCompletion,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "a completion, or an SSE stream when stream=true"},
-        401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-        422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+        404: {"model": ErrorResponse, "description": "the model is not served here"},
+        409: {"model": ErrorResponse, "description": "the model does not fit in memory even at its smallest level"},
+        422: {"model": ErrorResponse, "description": "the request is not valid (the message names the field and what "
+                                                     "is allowed), or the prompt with its tools does not fit the "
+                                                     "model's context"},
+        503: {"model": ErrorResponse, "description": "max_queue chat requests are in flight; retry after Retry-After"},
     },
 )
 async def chat_completions(body: ChatCompletionRequest, ctx: Ctx) -> Any:

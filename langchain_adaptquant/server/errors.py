@@ -23,6 +23,10 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           409: "conflict_error", 413: "request_too_large", 422: "invalid_request_error", 503: "server_busy"}
 
 
+#: FastAPI's detail when it cannot decode a JSON body at all (it is not UTF-8, say).
+BODY_NOT_PARSED = "There was an error parsing the body"
+
+
 class APIError(Exception):
     """An error an endpoint answers on purpose, with its status and the parameter at fault."""
 
@@ -44,28 +48,77 @@ def error_response(status: int, message: str, kind: Optional[str] = None, param:
     return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
-def _location(loc: Any) -> str:
-    parts = [str(part) for part in loc if part not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
+_MISSING = object()
 
 
-def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, Optional[str]]:
+def _location(loc: Any, body: Any = _MISSING, missing: bool = False) -> str:
+    """``messages.0.tool_call_id`` from pydantic's location, without the labels it adds for a union.
+
+    A union member's errors carry its label (``messages.0.tool.tool_call_id``, ``stop.list[str]``),
+    which the client never wrote: walking the body tells a label (no such key or index) from a field.
+    """
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        if parts[0] != "body":
+            body = _MISSING
+        parts = parts[1:]
+    node, kept = body, []
+    for position, part in enumerate(parts):
+        last = position == len(parts) - 1
+        if node is _MISSING:
+            kept.append(part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+            kept.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            kept.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and last and missing:
+            kept.append(part)  # the field that is missing
+        elif isinstance(part, str):
+            continue  # a union label: the value is still the one at the previous part
+        else:
+            node = _MISSING
+            kept.append(part)
+    return ".".join(str(part) for part in kept) or "body"
+
+
+def _choices(quoted: str) -> str:
+    """``'a', 'b', 'c'`` (pydantic's list of tags) as ``'a', 'b' or 'c'``."""
+    head, _, tail = quoted.rpartition(", ")
+    return f"{head} or {tail}" if head else quoted
+
+
+def describe_validation(errors: list[dict[str, Any]], body: Any = _MISSING) -> tuple[str, Optional[str]]:
     """A sentence naming each bad field and the first field's name (for ``param``)."""
-    sentences, first = [], None
+    by_place: dict[str, list[str]] = {}
+    first = None
     for error in errors:
-        if error.get("type") == "json_invalid":
+        kind = error.get("type")
+        if kind == "json_invalid":
             detail = (error.get("ctx") or {}).get("error", "not valid JSON")
-            sentences.append(f"malformed JSON body: {detail}")
+            by_place.setdefault("", []).append(f"malformed JSON body: {detail}")
             first = first or "body"
             continue
-        where = _location(error.get("loc", ()))
-        first = first or where
+        where = _location(error.get("loc", ()), body, missing=kind == "missing")
         message = str(error.get("msg", "invalid"))
-        if error.get("type") == "missing":
+        context = error.get("ctx") or {}
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            # a discriminated union (messages by role): name the tag field, the value and the choices
+            where = f"{where}.{str(context.get('discriminator', '')).strip(chr(39))}"
+            if kind == "union_tag_not_found":
+                message = "field required"
+            else:
+                message = f"{context.get('tag')!r} is not allowed; it must be {_choices(str(context.get('expected_tags')))}"
+        elif kind == "missing":
             message = "field required"
-        elif error.get("type") == "extra_forbidden":
+        elif kind == "extra_forbidden":
             message = "unknown field (not allowed here)"
-        sentences.append(f"{where}: {message}")
+        first = first or where
+        if message not in by_place.setdefault(where, []):
+            by_place[where].append(message)
+    sentences = [("; ".join(messages) if not where else f"{where}: {', or '.join(messages)}")
+                 for where, messages in by_place.items()]
     return "; ".join(sentences) or "invalid request body", first
 
 
@@ -78,12 +131,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation(list(error.errors()))
+        message, param = describe_validation(list(error.errors()), error.body)
         return error_response(422, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
+        if error.status_code == 400 and message == BODY_NOT_PARSED:
+            # FastAPI's answer to a body that is not text (not UTF-8): as malformed as bad JSON, so the same 422
+            cause = error.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else "not UTF-8 text"
+            return error_response(422, f"malformed JSON body: {reason}", "invalid_request_error", "body")
         if error.status_code == 404 and message == "Not Found":
             message = "no such endpoint; see /docs for the API"
         return error_response(error.status_code, message, headers=getattr(error, "headers", None))

@@ -62,7 +62,10 @@ def status(ctx: Ctx) -> dict[str, Any]:
 
 @quantization.post(
     "/calculate", response_model=CalculateResponse,
-    responses={409: {"model": ErrorResponse, "description": "does not fit even at the smallest level"}},
+    responses={
+        409: {"model": ErrorResponse, "description": "does not fit even at the smallest level"},
+        422: {"model": ErrorResponse, "description": "the body is not valid; the message names the field"},
+    },
 )
 def calculate(body: CalculateRequest, ctx: Ctx) -> dict[str, Any]:
     """The level a model of ``model_size_params`` billion parameters would get if loaded now."""
@@ -109,10 +112,7 @@ def cache(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-@quantization.post(
-    "/cache/clear", response_model=ClearResponse,
-    responses={401: {"model": ErrorResponse, "description": "a token is configured and was not sent"}},
-)
+@quantization.post("/cache/clear", response_model=ClearResponse)
 def clear_cache(ctx: Ctx) -> dict[str, Any]:
     """Evict every idle model (emergency); models with requests in flight are kept. Needs the token if set."""
     ctx.sync_switches()  # keep the history of what is about to be evicted
@@ -126,7 +126,10 @@ def healthz(ctx: Ctx) -> dict[str, Any]:
             "level": loaded.level.value if loaded else None}
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {}}},
+    501: {"model": ErrorResponse, "description": "prometheus-client is not installed"},
+})
 def metrics(ctx: Ctx) -> Response:
     """Prometheus metrics of this app's private registry, refreshed from live state on every scrape."""
     if ctx.telemetry.metrics is None:

@@ -13,7 +13,13 @@ from typing import Any, Mapping, Optional, Sequence
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.server.schemas import ChatCompletionRequest, ChatMessageIn
+from langchain_adaptquant.server.schemas import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    SystemMessageIn,
+    ToolMessageIn,
+    UserMessageIn,
+)
 
 #: ChatAdaptQuant finish reasons that OpenAI clients do not know, mapped to the closest one they do.
 _FINISH_REASONS = {"timeout": "length", "cancelled": "stop"}
@@ -23,17 +29,17 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def to_langchain(messages: list[ChatMessageIn]) -> list[BaseMessage]:
+def to_langchain(messages: Sequence[ChatMessageIn]) -> list[BaseMessage]:
     """OpenAI messages to LangChain ones; tool-call arguments must be JSON objects."""
     converted: list[BaseMessage] = []
     for index, message in enumerate(messages):
         text = message.text()
-        if message.role == "system":
+        if isinstance(message, SystemMessageIn):
             converted.append(SystemMessage(text))
-        elif message.role == "user":
+        elif isinstance(message, UserMessageIn):
             converted.append(HumanMessage(text))
-        elif message.role == "tool":
-            converted.append(ToolMessage(text, tool_call_id=message.tool_call_id or "", name=message.name))
+        elif isinstance(message, ToolMessageIn):
+            converted.append(ToolMessage(text, tool_call_id=message.tool_call_id, name=message.name))
         else:
             calls = []
             for call in message.tool_calls or []:
@@ -75,7 +81,7 @@ def generation_kwargs(request: ChatCompletionRequest, max_tokens: int) -> dict[s
     if fmt is not None and fmt.type == "json_object":
         kwargs["response_format"] = {"type": "json_object"}
     elif fmt is not None and fmt.type == "json_schema":
-        schema = (fmt.json_schema or {}).get("schema")
+        schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
         kwargs["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}} if schema else {"type": "json_object"}
     return kwargs
 

@@ -27,21 +27,6 @@ KNOWS = pytest.mark.xfail(
     strict=False,
 )
 
-# The grammar closes the joke object, so a TypedDict (streamed as partial JSON) parses; a pydantic
-# model or JSON schema parser yields nothing until the whole object validates, and the docstring
-# model's string values run past the 24-token answer budget before the object closes.
-# The standard suite allows overriding a test only to xfail all of it, so these two parameters are
-# excused at set-up instead (test_structured_output[typeddict] runs unexcused).
-EXCUSED_PARAMETERS = {f"{test}[{schema}]" for test in ("test_structured_output", "test_structured_output_async")
-                      for schema in ("pydantic", "json_schema")}
-
-
-@pytest.fixture(autouse=True)
-def _excuse_parameters(request: pytest.FixtureRequest) -> None:
-    if request.node.name in EXCUSED_PARAMETERS:
-        request.node.add_marker(KNOWS)
-
-
 @functools.lru_cache(maxsize=1)
 def _loader() -> AdaptiveModelLoader:
     manager = DynamicQuantizationManager(probe=ScriptedProbe(total_gb=64, used_percent=20), snapshot_ttl_s=0)
@@ -71,19 +56,12 @@ class TestChatAdaptQuantIntegration(ChatModelIntegrationTests):
 
     # -- excused: these need the model to *know* what to put in a JSON object or an agent step ----
     # Grammar-constrained decoding (langchain_adaptquant.constrained) makes forced, required and
-    # no-argument tool calls well-formed even from the embedded ~10M docstring model, so those
-    # standard tests run unexcused. What remains needs knowledge: a joke's setup and punchline
-    # that close within the answer budget, an agent's next step. The same mechanics are tested
+    # no-argument tool calls well-formed even from the embedded ~10M docstring model, and closes
+    # structured output within the 24-token budget (free strings bounded, the closing forced in
+    # time), so those standard tests run unexcused. What remains needs knowledge: which keys a
+    # schema-less JSON answer should have, an agent's next step. The same mechanics are tested
     # with scripted tokens in tests/integration/test_chat_tools.py. strict=False: a lucky pass
     # is not a failure.
-
-    @KNOWS
-    def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
-
-    @KNOWS
-    def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
-        super().test_structured_output_optional_param(model)
 
     @KNOWS
     def test_json_mode(self, model: BaseChatModel) -> None:

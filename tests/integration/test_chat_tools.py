@@ -215,3 +215,45 @@ def test_streamed_call_under_the_grammar_aggregates(constrained_llm):
     for chunk in chunks[1:]:
         merged += chunk
     assert merged.tool_calls[0]["name"] == "set_mode" and merged.tool_calls[0]["args"]["mode"] in ("eco", "normal", "boost")
+
+
+# -- under a grammar with a budget: a model that loops inside a string still ends its JSON ---------------
+class Looping(LogitsProcessor):
+    """A model that never stops talking: ``text``'s tokens always score highest where the grammar
+    (applied first) allows them, as SmolLM2-135M repeats "the cat was a cat, and the cat ..." forever."""
+
+    def __init__(self, tokenizer, text: str) -> None:
+        self.ids = tokenizer(text, add_special_tokens=False).input_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.ids] += 1000.0  # -inf (masked) stays -inf
+        scores[:, self.ids[0]] += 1.0
+        return scores
+
+
+class Report(BaseModel):
+    """A short report."""
+
+    title: str
+    words: list[str]
+    score: int
+
+
+@pytest.mark.parametrize("max_tokens", [80, 128])  # keys are spelled out here: the shortest call is 44-53 tokens
+def test_a_model_looping_in_a_string_still_ends_its_json(constrained_llm, max_tokens):
+    tokenizer = constrained_llm._loader().models()[0].tokenizer
+    model = constrained_llm.model_copy(update={
+        "max_tokens": max_tokens, "model_kwargs": {"logits_processor": Looping(tokenizer, "o")}})
+    for schema in (Joke, Report):
+        for method in ("function_calling", "json_schema"):
+            raw = model.with_structured_output(schema, method=method, include_raw=True).invoke("tell me")
+            assert raw["parsing_error"] is None and isinstance(raw["parsed"], schema), (schema, method, raw)
+            assert raw["raw"].usage_metadata["output_tokens"] <= max_tokens
+    mode = model.with_structured_output(None, method="json_mode", include_raw=True).invoke("tell me")
+    assert mode["parsing_error"] is None and isinstance(mode["parsed"], dict), mode
+    # the same looping model without the grammar's budget rule: the string never closes
+    free = constrained_llm.model_copy(update={"max_tokens": max_tokens, "constrained_decoding": False,
+                                              "model_kwargs": {"logits_processor": Looping(tokenizer, "o")}})
+    raw = free.with_structured_output(Joke, method="json_schema", include_raw=True).invoke("tell me")
+    assert raw["parsing_error"] is not None and raw["raw"].response_metadata["finish_reason"] == "length"

@@ -2,8 +2,8 @@
 
 The embedded 8.9M model proves mechanics; this suite asks what a user asks: does a real small model
 call tools and fill schemas through ``ChatAdaptQuant``? Tool calls and JSON answers are decoded under
-a grammar (llguidance), so they always parse and match the schema. What remains excused below is what
-the model itself cannot do, each with what it produced when we measured it.
+a grammar (llguidance), so they always parse, match the schema and end within the token budget. What
+remains excused below is what the model itself cannot do, each with what it produced when we measured it.
 
 Skipped when the model has not been pulled; ``make test`` pulls it (``adaptquant models pull smollm2-135m``).
 """
@@ -28,11 +28,12 @@ pytestmark = [
 ]
 
 
-LOOPS = pytest.mark.xfail(
-    reason="SmolLM2-135M loops inside JSON strings under greedy decoding, so the object never closes within "
-    "the answer budget: asked for a cat joke it wrote {\"setup\": \"The cat was having a cat-themed party, and the "
-    "cat was having a cat-themed party, ...\" to the 64-token limit (0 of 3 structured-output methods parsed; "
-    "with repetition_penalty=1.2, 2 of 3 parsed, holding nonsense). The grammar fixes the shape, not this.",
+ONE_KEY = pytest.mark.xfail(
+    reason="JSON mode gives the grammar no schema, and SmolLM2-135M closes the object after its first key: asked "
+    "for a cat joke with 'setup' and 'punchline' keys it wrote {\"setup\": \"The cat was trying to make a "
+    "cat-friendly home, \"} (the string cut at the 48-character default bound; unbounded, it ended the sentence "
+    "and closed the same way: {\"setup\": \"... but it was too late.\"}). The JSON is complete and parses; "
+    "the missing punchline is the model's choice (with a schema, json_schema and function_calling pass).",
     strict=False,
 )
 PROSE = pytest.mark.xfail(
@@ -72,27 +73,12 @@ class TestSmolLM2Integration(ChatModelIntegrationTests):
 
     # -- what the model cannot do (measured on SmolLM2-135M-Instruct, bf16 copy, greedy) ---------------
     # Forced and required tool calls pass: the grammar makes the call well-formed and the model picks
-    # the right argument (magic_function(3) -> {"input": 3}). These remain.
+    # the right argument (magic_function(3) -> {"input": 3}). Structured output passes too: the model
+    # still loops inside strings ("The cat was a cat, and the cat was a cat, and it"), but the grammar
+    # bounds each free string (maxLength from the token budget) and closes the JSON before the budget
+    # ends (constrained.GrammarProcessor), so every answer parses. These remain.
 
-    @LOOPS
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    def test_structured_output(self, model: BaseChatModel, schema_type: str) -> None:
-        super().test_structured_output(model, schema_type)
-
-    @LOOPS
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    async def test_structured_output_async(self, model: BaseChatModel, schema_type: str) -> None:
-        await super().test_structured_output_async(model, schema_type)
-
-    @LOOPS
-    def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
-
-    @LOOPS
-    def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
-        super().test_structured_output_optional_param(model)
-
-    @LOOPS
+    @ONE_KEY
     def test_json_mode(self, model: BaseChatModel) -> None:
         super().test_json_mode(model)
 

@@ -50,3 +50,20 @@ def test_control_imports_neither_runtime_nor_backends():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_chat_model_and_the_llama_cpp_runtime_import_no_torch():
+    """The llama.cpp path's own modules stay torch-free (the engine contract lives in torch-free modules);
+    torch comes only with the torch runtime, a grammar, or the Hugging Face tokenizer."""
+    code = (
+        "import sys\n"
+        "from langchain_adaptquant.chat_model import ChatAdaptQuant\n"
+        "import langchain_adaptquant.runtime.registry, langchain_adaptquant.runtime.requests\n"
+        "import langchain_adaptquant.runtime.text, langchain_adaptquant.runtime.contract\n"
+        "import langchain_adaptquant.runtime.llamacpp.gguf_files, langchain_adaptquant.runtime.llamacpp.weights\n"
+        "import langchain_adaptquant.runtime.llamacpp.engine, langchain_adaptquant.runtime.llamacpp.loader\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "ChatAdaptQuant(max_tokens=4)\n"
+        "assert 'torch' not in sys.modules, 'building the chat model imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
