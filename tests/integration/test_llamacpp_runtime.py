@@ -132,8 +132,9 @@ def test_batched_answers_equal_the_answer_alone(loader, loaded):
 def test_a_switch_with_16_requests_in_flight_loses_nothing(loader, loaded):
     engine = loader.engine(loaded)
     ids = _ids(loaded, "Tell me a story about a cat.")
+    start = engine.stats().tokens
     handles = [engine.submit(GenerationRequest(ids, 48, sampling=Sampling(min_new_tokens=48))) for _ in range(16)]
-    while engine.stats().tokens < 16 * 4:
+    while engine.stats().tokens < start + 16 * 4:  # every answer under way before the first switch
         time.sleep(0.01)
     records = [loader.requantize(loaded, level, reason="test") for level in ("int8", "int2", "fp16")]
     results = [h.result(timeout=600) for h in handles]
@@ -148,8 +149,11 @@ def test_memory_pressure_switches_between_steps_without_a_new_request(loader, lo
     loaded.last_forced = None
     engine = loader.engine(loaded)
     ids = _ids(loaded, "Tell me a story about a dog.")
+    start = engine.stats().tokens
     handle = engine.submit(GenerationRequest(ids, 96, sampling=Sampling(min_new_tokens=96)))
     try:
+        while engine.stats().tokens < start + 4:  # the answer is under way at fp16 first
+            time.sleep(0.01)
         probe.set(93.0)  # emergency band: the between-steps check takes the smallest level
         deadline = time.monotonic() + 300  # a hang guard, not a speed test
         while loaded.level is QuantizationLevel.FP16 and time.monotonic() < deadline:
