@@ -6,10 +6,14 @@ so the server, the chat model and the policy read one shape whichever runtime se
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 from langchain_adaptquant.errors import AdaptQuantError
+
+logger = logging.getLogger("langchain_adaptquant.runtime.engine")
 
 
 class EngineBusyError(AdaptQuantError):
@@ -43,3 +47,25 @@ class EngineStats:
                 "max_batch_seen": self.max_batch_seen, "row_batching": self.row_batching,
                 "kv_resident_mb": round(self.kv.resident_bytes / 2**20, 2),
                 "kv_reserved_mb": round(self.kv.reserved_bytes / 2**20, 2)}
+
+
+class BetweenSteps:
+    """Mixin: the engine's between-steps hook (the loader's policy check), at most every
+    ``config.boundary_every_s``, and never allowed to stop generation."""
+
+    on_boundary: Optional[Callable[[Any], None]]
+    config: Any
+    name: str
+    _last_boundary: float
+
+    def _boundary(self) -> None:
+        if self.on_boundary is None:
+            return
+        now = time.monotonic()
+        if now - self._last_boundary < self.config.boundary_every_s:
+            return
+        self._last_boundary = now
+        try:
+            self.on_boundary(self)
+        except Exception:  # noqa: BLE001 - the policy's check must never stop generation
+            logger.exception("between-steps hook of %s failed", self.name)

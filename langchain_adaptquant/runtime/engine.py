@@ -26,12 +26,13 @@ import torch
 from langchain_adaptquant.errors import InvalidValueError
 from langchain_adaptquant.runtime.attention import BUCKET, MODES, row_groups, use_row_attention
 from langchain_adaptquant.runtime.cache import BatchCache, packed_cache, supports_row_batching
-from langchain_adaptquant.runtime.contract import EngineBusyError, EngineClosedError, EngineStats, KVUsage
+from langchain_adaptquant.runtime.contract import BetweenSteps, EngineBusyError, EngineClosedError, EngineStats, KVUsage
 from langchain_adaptquant.runtime.gate import StepGate
 from langchain_adaptquant.runtime.kv import KVLayout, kv_layout
-from langchain_adaptquant.runtime.requests import GenerationRequest, Progress, RequestHandle
+from langchain_adaptquant.runtime.requests import GenerationRequest, RequestHandle
 from langchain_adaptquant.runtime.sampling import RowSampler, next_tokens
-from langchain_adaptquant.runtime.text import GenerationResult, TextWatch, eos_ids
+from langchain_adaptquant.runtime.sequence import SequenceState
+from langchain_adaptquant.runtime.text import eos_ids
 
 logger = logging.getLogger(__name__)
 
@@ -62,77 +63,17 @@ class EngineConfig:
             raise InvalidValueError("attention", self.attention, " or ".join(repr(m) for m in MODES))
 
 
-class _Sequence:
-    """Engine-side state of one request."""
+class _Sequence(SequenceState):
+    """Engine-side state of one request: the shared state plus its sampler and KV reservation."""
 
     def __init__(self, handle: RequestHandle, tokenizer: Any, eos: set[int], layout: KVLayout,
                  device: torch.device) -> None:
-        request = handle.request
-        self.handle = handle
-        self.request = request
-        self.ids = list(request.input_ids)  # prompt and every answer token so far
-        resume = request.resume
-        self.generated = list(resume.ids) if resume else []
-        # (level, tokens produced at it) in order; a forward that produced no token (a prefill chunk) opens a run too
-        self.runs: list[list[Any]] = [list(run) for run in resume.runs] if resume else []
-        self.prior_seconds = resume.seconds if resume else 0.0
-        self.watch = TextWatch(tokenizer, request.stop, eos)
-        if resume:
-            self.watch.add(resume.ids)
-            self.watch.emitted = resume.emitted_chars
-        self.sampler = RowSampler(request, sorted(eos), device)
-        self.reserved = layout.bytes_for(len(self.ids) + request.remaining_tokens)
-        self.started = time.perf_counter()  # submitted: an answer's seconds include its wait in the queue
-        handle._progress_of = self.progress  # read by a caller only once this request has failed
-        self.finish: Optional[str] = None
-
-    def ran_at(self, level: str) -> None:
-        if not self.runs or self.runs[-1][0] != level:
-            self.runs.append([level, 0])
-
-    def level_runs(self) -> tuple[tuple[str, int], ...]:
-        return tuple((level, count) for level, count in self.runs)
-
-    def progress(self) -> Progress:
-        elapsed = time.perf_counter() - self.started
-        return Progress(tuple(self.generated), self.watch.emitted, self.level_runs(), self.prior_seconds + elapsed)
-
-    def accept(self, token: int) -> None:
-        """Add the token just produced; decide whether the answer is complete."""
-        self.generated.append(token)
-        self.ids.append(token)
-        self.runs[-1][1] += 1
-        self.watch.add([token])
-        piece = self.watch.emit()
-        if piece:
-            self.handle._emit(piece)
-        if self.watch.done:
-            self.finish = "stop"
-        elif len(self.generated) >= self.request.max_new_tokens:
-            self.finish = "length"
-
-    def check_limits(self, now: float) -> None:
-        if self.finish is not None:
-            return
-        if self.handle.cancelled:
-            self.finish = "cancelled"
-        elif self.request.deadline is not None and now >= self.request.deadline:
-            self.finish = "timeout"
-
-    def result(self) -> GenerationResult:
-        elapsed = time.perf_counter() - self.started
-        return GenerationResult(
-            text=self.watch.final_text(),
-            input_tokens=len(self.request.prompt_ids),
-            output_tokens=len(self.generated),  # an end-of-turn token the model generated counts too
-            finish_reason=self.finish or "stop",
-            seconds=self.prior_seconds + elapsed,
-            levels_used=tuple(level for level, _ in self.runs),
-            level_runs=self.level_runs(),
-        )
+        super().__init__(handle, tokenizer, eos)
+        self.sampler = RowSampler(self.request, sorted(eos), device)
+        self.reserved = layout.bytes_for(len(self.ids) + self.request.remaining_tokens)
 
 
-class GenerationEngine:
+class GenerationEngine(BetweenSteps):
     """Owns generation for one model: ``submit(request) -> RequestHandle``.
 
     ``level_of`` names the level the weights are at (read inside each step, under the gate);
@@ -267,18 +208,6 @@ class GenerationEngine:
         if self._active:
             self._decode_step()
         return True
-
-    def _boundary(self) -> None:
-        if self.on_boundary is None:
-            return
-        now = time.monotonic()
-        if now - self._last_boundary < self.config.boundary_every_s:
-            return
-        self._last_boundary = now
-        try:
-            self.on_boundary(self)
-        except Exception:  # noqa: BLE001 - the policy's check must never stop generation
-            logger.exception("between-steps hook of %s failed", self.name)
 
     def _sweep(self, now: float) -> None:
         """End cancelled and timed-out requests, queued or running."""

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
@@ -21,6 +20,7 @@ from langchain_adaptquant.runtime.gate import StepGate
 from langchain_adaptquant.runtime.os_memory import file_backed_bytes
 from langchain_adaptquant.runtime.quality import QualityProfile
 from langchain_adaptquant.runtime.records import SwitchRecord
+from langchain_adaptquant.runtime.served import InUse
 from langchain_adaptquant.runtime.weights import WeightSource
 
 __all__ = ["LoadedModel", "SwitchRecord", "quantizable_linears"]
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(eq=False)
-class LoadedModel:
+class LoadedModel(InUse):
     """A cached model and what we know about it. ``model`` is swapped in place on every switch."""
 
     key: str
@@ -125,24 +125,6 @@ class LoadedModel:
         """The backend holding most layers: the one-word answer for response metadata."""
         summary = self.backend_summary()
         return max(summary, key=lambda backend: summary[backend]) if summary else "none"
-
-    def close_engine(self) -> None:
-        """Stop the model's engine, if one was started (the model is leaving the cache)."""
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.close()
-
-    @contextmanager
-    def in_use(self) -> Iterator["LoadedModel"]:
-        """Mark a request in flight on this model: it cannot be evicted meanwhile."""
-        with self._count_lock:
-            self.active_requests += 1
-            self.last_access = time.time()
-        try:
-            yield self
-        finally:
-            with self._count_lock:
-                self.active_requests -= 1
 
     def to_dict(self) -> dict[str, Any]:
         """Cache statistics in the documented shape (name, size_mb, access_count) and more."""

@@ -49,6 +49,7 @@ from langchain_adaptquant.runtime.quality import (
     text_ids,
     weights_fingerprint,
 )
+from langchain_adaptquant.runtime.served import revisit
 from langchain_adaptquant.runtime.switcher import LayerSwitcher
 from langchain_adaptquant.runtime.weights import WeightSource, resolve_model_folder
 
@@ -210,19 +211,7 @@ class AdaptiveModelLoader:
                         on_decision(loaded.last_decision_reason)
                     return loaded
         self.cache.touch(cached)
-        cached.access_count += 1
-        cached.last_access = time.time()
-        cached.last_priority, cached.last_forced = priority, forced
-        if forced is not None:
-            reason = cached.last_decision_reason = f"forced to {forced.value}"
-            record = self.requantize(cached, forced, reason=reason) if forced is not cached.level else None
-        else:
-            record, reason = self._reoptimize(cached, priority, model_size_params)
-        if record is not None and on_switch is not None:
-            on_switch(record)
-        if on_decision is not None:
-            on_decision(reason)
-        return cached
+        return revisit(self, cached, priority, forced, model_size_params, on_switch, on_decision)
 
     def reoptimize(
         self,

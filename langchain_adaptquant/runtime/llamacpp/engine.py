@@ -29,29 +29,20 @@ import numpy as np
 
 from langchain_adaptquant.control.levels import QuantizationLevel
 from langchain_adaptquant.errors import InvalidValueError
-from langchain_adaptquant.runtime.contract import EngineBusyError, EngineClosedError, EngineStats, KVUsage
+from langchain_adaptquant.runtime.contract import BetweenSteps, EngineBusyError, EngineClosedError, EngineStats, KVUsage
 from langchain_adaptquant.runtime.llamacpp.weights import LlamaCppConfig, LlamaWeights
-from langchain_adaptquant.runtime.requests import GenerationRequest, Progress, RequestHandle
-from langchain_adaptquant.runtime.text import GenerationResult, TextWatch
+from langchain_adaptquant.runtime.requests import GenerationRequest, RequestHandle
+from langchain_adaptquant.runtime.sequence import SequenceState
 
 logger = logging.getLogger(__name__)
 
 
-class _Slot:
-    """Engine-side state of one request: its ids, how many of them are in the KV cache, its levels."""
+class _Slot(SequenceState):
+    """One request on llama.cpp: the shared state plus its sequence id and how much of it is in the KV cache."""
 
     def __init__(self, handle: RequestHandle, tokenizer: Any, eos: set[int]) -> None:
-        request = handle.request
-        self.handle, self.request = handle, request
-        self.ids = list(request.input_ids)
-        resume = request.resume
-        self.generated = list(resume.ids) if resume else []
-        self.runs: list[list[Any]] = [list(run) for run in resume.runs] if resume else []
-        self.prior_seconds = resume.seconds if resume else 0.0
-        self.watch = TextWatch(tokenizer, request.stop, eos)
-        if resume:
-            self.watch.add(resume.ids)
-            self.watch.emitted = resume.emitted_chars
+        super().__init__(handle, tokenizer, eos)
+        request = self.request
         self.eos = eos
         self.sampler: Any = None  # the torch runtime's RowSampler, built on first need
         sampling = request.sampling
@@ -62,20 +53,6 @@ class _Slot:
         self.reserved_tokens = len(self.ids) + request.remaining_tokens
         self.seq_id = -1
         self.fed = 0  # ids already in this level's KV cache
-        self.started = time.perf_counter()
-        self.finish: Optional[str] = None
-        handle._progress_of = self.progress
-
-    def ran_at(self, level: str) -> None:
-        if not self.runs or self.runs[-1][0] != level:
-            self.runs.append([level, 0])
-
-    def level_runs(self) -> tuple[tuple[str, int], ...]:
-        return tuple((level, count) for level, count in self.runs)
-
-    def progress(self) -> Progress:
-        return Progress(tuple(self.generated), self.watch.emitted, self.level_runs(),
-                        self.prior_seconds + time.perf_counter() - self.started)
 
     def pick(self, row: np.ndarray) -> int:
         if self.plain:
@@ -94,35 +71,6 @@ class _Slot:
         scores = torch.from_numpy(np.array(row, dtype=np.float32, copy=True)).unsqueeze(0)
         return self.sampler.pick(scores, self.ids, len(self.generated))
 
-    def accept(self, token: int) -> None:
-        self.generated.append(token)
-        self.ids.append(token)
-        self.runs[-1][1] += 1
-        self.watch.add([token])
-        piece = self.watch.emit()
-        if piece:
-            self.handle._emit(piece)
-        if self.watch.done:
-            self.finish = "stop"
-        elif len(self.generated) >= self.request.max_new_tokens:
-            self.finish = "length"
-
-    def check_limits(self, now: float) -> None:
-        if self.finish is not None:
-            return
-        if self.handle.cancelled:
-            self.finish = "cancelled"
-        elif self.request.deadline is not None and now >= self.request.deadline:
-            self.finish = "timeout"
-
-    def result(self) -> GenerationResult:
-        return GenerationResult(
-            text=self.watch.final_text(), input_tokens=len(self.request.prompt_ids),
-            output_tokens=len(self.generated), finish_reason=self.finish or "stop",
-            seconds=self.prior_seconds + time.perf_counter() - self.started,
-            levels_used=tuple(level for level, _ in self.runs), level_runs=self.level_runs(),
-        )
-
 
 @dataclass
 class _PendingSwitch:
@@ -134,7 +82,7 @@ class _PendingSwitch:
     refed_tokens: int = 0
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(BetweenSteps):
     """Owns generation for one llama.cpp model: ``submit(request) -> RequestHandle``."""
 
     def __init__(self, weights: LlamaWeights, tokenizer: Any, eos: set[int], config: LlamaCppConfig,
@@ -259,18 +207,6 @@ class LlamaCppEngine:
         if self._active:
             self._step()
         return True
-
-    def _boundary(self) -> None:
-        if self.on_boundary is None:
-            return
-        now = time.monotonic()
-        if now - self._last_boundary < self.config.boundary_every_s:
-            return
-        self._last_boundary = now
-        try:
-            self.on_boundary(self)
-        except Exception:  # noqa: BLE001 - the policy's check must never stop generation
-            logger.exception("between-steps hook of %s failed", self.name)
 
     def _apply_switch(self, pending: _PendingSwitch) -> None:
         started = time.perf_counter()

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from langchain_adaptquant.control.levels import QuantizationLevel, TaskPriority
 from langchain_adaptquant.control.manager import DynamicQuantizationManager, ServingFacts
@@ -26,6 +25,7 @@ from langchain_adaptquant.runtime.llamacpp.engine import LlamaCppEngine
 from langchain_adaptquant.runtime.llamacpp.gguf_files import LEVEL_TYPES, GGUFTable, LevelFiles, check_level, find_gguf
 from langchain_adaptquant.runtime.llamacpp.weights import LlamaCppConfig, LlamaWeights
 from langchain_adaptquant.runtime.records import SwitchRecord
+from langchain_adaptquant.runtime.served import InUse, revisit
 from langchain_adaptquant.units import GIB
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def gguf_size(table: GGUFTable, files: Optional[LevelFiles] = None) -> ModelSize
 
 
 @dataclass(eq=False)
-class LlamaCppModel:
+class LlamaCppModel(InUse):
     """A model served by llama.cpp: what the chat model, stats and the server read of it."""
 
     key: str
@@ -96,22 +96,6 @@ class LlamaCppModel:
     def backend_summary(self) -> dict[str, int]:
         """Tensors per GGUF type of the level being served (e.g. ``{"Q4_0": 180, "Q8_0": 1, "F32": 61}``)."""
         return dict(self.gguf_types)
-
-    @contextmanager
-    def in_use(self) -> Iterator["LlamaCppModel"]:
-        with self._count_lock:
-            self.active_requests += 1
-            self.last_access = time.time()
-        try:
-            yield self
-        finally:
-            with self._count_lock:
-                self.active_requests -= 1
-
-    def close_engine(self) -> None:
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.close()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,19 +182,7 @@ class LlamaCppLoader:
                 if on_decision is not None:
                     on_decision(loaded.last_decision_reason)
                 return loaded
-        cached.access_count += 1
-        cached.last_access = time.time()
-        cached.last_priority, cached.last_forced = priority, forced
-        if forced is not None:
-            reason = cached.last_decision_reason = f"forced to {forced.value}"
-            record = self.requantize(cached, forced, reason=reason) if forced is not cached.level else None
-        else:
-            record, reason = self._reoptimize(cached, priority, model_size_params)
-        if record is not None and on_switch is not None:
-            on_switch(record)
-        if on_decision is not None:
-            on_decision(reason)
-        return cached
+        return revisit(self, cached, priority, forced, model_size_params, on_switch, on_decision)
 
     def engine(self, loaded: LlamaCppModel) -> LlamaCppEngine:
         if loaded.engine is None:
